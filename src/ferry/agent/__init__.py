@@ -1,0 +1,1 @@
+"""The host agent: owns the QEMU processes on one host and serves the controller."""

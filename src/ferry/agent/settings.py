@@ -1,0 +1,24 @@
+"""Settings of one host agent."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str
+    underlay_ip: str                 # where migration streams to this host arrive
+    memory_mib: int                  # capacity this host offers to VMs
+    vcpus: int
+    state_dir: Path                  # one folder per VM: launch spec, QMP socket, pidfile, console
+    image_dir: Path | None = None    # guest kernel + initramfs; None: the project's cache
+    accel: str = "tcg"               # "kvm" on real hosts
+    fabric: str = "none"             # "lab:<fabric netns>" in the lab
+    qemu_binary: str = "qemu-system-x86_64"
+    labels: dict[str, str] = field(default_factory=dict)
+    versions_file: Path | None = None  # software versions this host reports (rewritten by maintenance)
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"

@@ -1,0 +1,285 @@
+"""VM lifecycle on one host: boot, receive, send, pause/resume, delete, re-attach.
+
+Each VM lives in `<state>/vms/<name>/`: `vm.json` (what it is), and QEMU's
+QMP socket, pidfile and console log. QEMU is daemonized, so VMs outlive the
+agent; on start the agent re-attaches to every VM whose QEMU still runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from ferry.agent.settings import AgentSettings
+from ferry.model import Conflict, InvalidInput, NoCapacity, NotFound
+from ferry.model.instance import InstanceSpec
+from ferry.net.addressing import GATEWAY_IP, tap_name
+from ferry.net.fabric import fabric_from_spec
+from ferry.net.vmnet import create_vm_tap, delete_vm_tap
+from ferry.qemu import memcheck
+from ferry.qemu.image import GuestImage, find_image, kernel_cmdline
+from ferry.qemu.launch import LaunchSpec, read_pid, start_qemu, stop_qemu
+from ferry.qemu.migration import MigrationSettings, apply_settings, incoming_port, sample
+from ferry.qemu.session import QmpSession
+
+log = logging.getLogger(__name__)
+MEMLOAD_ERROR = re.compile(r"MEMLOAD ERROR")
+
+
+@dataclass
+class VmRecord:
+    name: str
+    ip: str
+    mac: str
+    spec: dict            # InstanceSpec.to_dict()
+    launch: dict          # LaunchSpec.to_dict()
+    role: str             # "booted" | "incoming"
+    created_at: float
+
+    @property
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec.from_dict(self.launch)
+
+
+class HostVm:
+    def __init__(self, record: VmRecord, qmp: QmpSession, pid: int):
+        self.record = record
+        self.qmp = qmp
+        self.pid = pid
+        self.migration_started_at: float | None = None
+        self.lock = asyncio.Lock()
+
+
+class VmManager:
+    def __init__(self, settings: AgentSettings):
+        self.settings = settings
+        self.fabric = fabric_from_spec(settings.fabric)
+        self.vms: dict[str, HostVm] = {}
+        self._create_lock = asyncio.Lock()   # capacity is checked and taken under it
+
+    # ---- helpers -------------------------------------------------------------------------
+    def image(self) -> GuestImage:
+        image = find_image(self.settings.image_dir)
+        if image is None:
+            raise InvalidInput("no guest image on this host: run `ferry image build` first")
+        return image
+
+    def get(self, name: str) -> HostVm:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFound(f"no VM {name!r} on host {self.settings.name}")
+        return vm
+
+    def used_memory_mib(self) -> int:
+        return sum(v.record.spec["memory_mib"] for v in self.vms.values())
+
+    def _record_path(self, name: str) -> Path:
+        return self.settings.vms_dir / name / "vm.json"
+
+    def _save(self, record: VmRecord) -> None:
+        path = self._record_path(record.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(record), indent=1))
+        tmp.replace(path)
+
+    # ---- start-up --------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Re-attach to the VMs whose QEMU survived an agent restart; clean up the rest."""
+        if not self.settings.vms_dir.exists():
+            return
+        for path in sorted(self.settings.vms_dir.glob("*/vm.json")):
+            record = VmRecord(**json.loads(path.read_text()))
+            spec = record.launch_spec
+            pid = read_pid(spec.pidfile)
+            if pid is None:
+                log.warning("VM %s: QEMU is gone; removing its leftovers", record.name)
+                await self._cleanup_files(record)
+                continue
+            qmp = QmpSession(record.name, spec.qmp_socket)
+            await qmp.connect()
+            self.vms[record.name] = HostVm(record, qmp, pid)
+            log.info("re-attached to VM %s (pid %d)", record.name, pid)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def _launch(self, name: str, ip: str, mac: str, spec: InstanceSpec, incoming: bool,
+                      start_paused: bool) -> HostVm:
+        async with self._create_lock:
+            if name in self.vms:
+                raise Conflict(f"VM {name!r} already exists on host {self.settings.name}")
+            free = self.settings.memory_mib - self.used_memory_mib()
+            if spec.memory_mib > free:
+                raise NoCapacity(
+                    f"host {self.settings.name} has {free} MiB free, VM {name!r} needs {spec.memory_mib} MiB")
+            image = self.image()
+            memload = spec.workload.kind == "memload"
+            launch = LaunchSpec(
+                name=name, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                kernel=str(image.kernel), initrd=str(image.initrd),
+                cmdline=kernel_cmdline(
+                    name, ip, GATEWAY_IP,
+                    memload_size_mib=spec.workload.memload_size(spec.memory_mib) if memload else None,
+                    memload_rate_mib_s=spec.workload.rate_mib_s if memload else None),
+                mac=mac, tap=tap_name(name), run_dir=str(self.settings.vms_dir / name),
+                accel=self.settings.accel, incoming=incoming, start_paused=start_paused,
+            )
+            record = VmRecord(name, ip, mac, spec.to_dict(), launch.to_dict(),
+                              "incoming" if incoming else "booted", time.time())
+            self._save(record)
+            # Placeholder so a concurrent create of the same name or capacity check sees it.
+            self.vms[name] = HostVm(record, QmpSession(name, launch.qmp_socket), 0)
+        try:
+            await asyncio.to_thread(create_vm_tap, launch.tap, ip)
+            pid = await start_qemu(launch, self.settings.qemu_binary)
+            qmp = QmpSession(name, launch.qmp_socket)
+            await qmp.connect()
+        except Exception:
+            self.vms.pop(name, None)
+            await self._cleanup_files(record)
+            raise
+        vm = HostVm(record, qmp, pid)
+        self.vms[name] = vm
+        return vm
+
+    async def create(self, name: str, ip: str, mac: str, spec: InstanceSpec) -> dict:
+        vm = await self._launch(name, ip, mac, spec, incoming=False, start_paused=False)
+        await asyncio.to_thread(self.fabric.announce, ip, self.settings.underlay_ip)
+        return self.describe(vm)
+
+    async def prepare_incoming(self, name: str, ip: str, mac: str, spec: InstanceSpec,
+                               start_paused: bool) -> dict:
+        """An empty target VM waiting for a migration stream on this host's underlay address."""
+        vm = await self._launch(name, ip, mac, spec, incoming=True, start_paused=start_paused)
+        try:
+            await vm.qmp.execute("migrate-set-capabilities",
+                                 {"capabilities": [{"capability": "events", "state": True}]})
+            await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.settings.underlay_ip}:0"})
+            port = incoming_port(await vm.qmp.execute("query-migrate"))
+            if port is None:
+                raise RuntimeError("target QEMU did not report its listening port")
+        except Exception:
+            await self.delete(name)
+            raise
+        return {"uri": f"tcp:{self.settings.underlay_ip}:{port}", "pid": vm.pid}
+
+    async def start_migration(self, name: str, uri: str, settings: MigrationSettings) -> dict:
+        vm = self.get(name)
+        await apply_settings(vm.qmp, settings)
+        vm.migration_started_at = time.time()
+        await vm.qmp.execute("migrate", {"uri": uri})
+        return {"started_at": vm.migration_started_at}
+
+    async def migration_status(self, name: str, since: float = 0.0) -> dict:
+        vm = self.get(name)
+        s = await sample(vm.qmp)
+        stop = next((e for e in vm.qmp.events if e.name == "STOP" and e.at >= since), None)
+        resume = next((e for e in vm.qmp.events if e.name == "RESUME" and e.at >= since), None)
+        statuses = [{"status": e.data.get("status"), "at": e.at}
+                    for e in vm.qmp.events if e.name == "MIGRATION" and e.at >= since]
+        return {
+            "sample": s.to_dict(),
+            "migration_events": statuses,
+            "stop_at": stop.at if stop else None,
+            "resume_at": resume.at if resume else None,
+            "runstate": await self.runstate(vm),
+        }
+
+    async def cancel_migration(self, name: str) -> dict:
+        """Roll back on the source: stop sending and make sure the guest runs here."""
+        vm = self.get(name)
+        await vm.qmp.execute("migrate_cancel")
+        for _ in range(100):
+            s = await sample(vm.qmp)
+            if s.status not in ("cancelling", "active", "setup", "device", "pre-switchover"):
+                break
+            await asyncio.sleep(0.05)
+        return await self.resume(name)
+
+    async def resume(self, name: str) -> dict:
+        vm = self.get(name)
+        if await self.runstate(vm) != "running":
+            await vm.qmp.execute("cont")
+        return self.describe(vm) | {"runstate": await self.runstate(vm)}
+
+    async def runstate(self, vm: HostVm) -> str:
+        return (await vm.qmp.execute("query-status"))["status"]
+
+    async def page_digests(self, name: str) -> bytes:
+        vm = self.get(name)
+        state = await self.runstate(vm)
+        if state == "running":
+            raise Conflict(f"VM {name!r} is running; memory can only be compared while paused")
+        return await memcheck.page_digests(vm.qmp, vm.record.spec["memory_mib"], vm.record.launch["run_dir"])
+
+    async def activate(self, name: str) -> dict:
+        """After switchover: this host now owns the VM; route its address here."""
+        vm = self.get(name)
+        vm.record.role = "booted"
+        self._save(vm.record)
+        await asyncio.to_thread(self.fabric.announce, vm.record.ip, self.settings.underlay_ip)
+        return self.describe(vm)
+
+    async def delete(self, name: str) -> None:
+        vm = self.get(name)
+        async with vm.lock:
+            await vm.qmp.close()
+            if vm.pid:
+                await stop_qemu(vm.pid, name)
+            await self._cleanup_files(vm.record)
+            self.vms.pop(name, None)
+
+    async def _cleanup_files(self, record: VmRecord) -> None:
+        launch = record.launch_spec
+        if launch.tap:
+            await asyncio.to_thread(delete_vm_tap, launch.tap)
+        # Withdraw only removes the route if it still points here (never the target's).
+        await asyncio.to_thread(self.fabric.withdraw, record.ip, self.settings.underlay_ip)
+        shutil.rmtree(launch.run_dir, ignore_errors=True)
+
+    async def shutdown(self) -> None:
+        for vm in self.vms.values():
+            await vm.qmp.close()
+
+    # ---- reporting -------------------------------------------------------------------------
+    def describe(self, vm: HostVm) -> dict:
+        r = vm.record
+        return {"name": r.name, "ip": r.ip, "mac": r.mac, "spec": r.spec, "role": r.role,
+                "pid": vm.pid, "created_at": r.created_at}
+
+    async def status(self, name: str) -> dict:
+        vm = self.get(name)
+        return self.describe(vm) | {"runstate": await self.runstate(vm),
+                                    "console_errors": self.console_errors(vm)}
+
+    def console_errors(self, vm: HostVm) -> int:
+        try:
+            text = Path(vm.record.launch_spec.console_log).read_text(errors="replace")
+        except OSError:
+            return 0
+        return len(MEMLOAD_ERROR.findall(text))
+
+    def console_tail(self, name: str, lines: int = 50) -> str:
+        vm = self.get(name)
+        try:
+            text = Path(vm.record.launch_spec.console_log).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def guest_status(self, name: str) -> dict:
+        """The guest's own HTTP status page, fetched over its network from this host."""
+        vm = self.get(name)
+        async with httpx.AsyncClient(timeout=3.0) as client:
+            try:
+                reply = await client.get(f"http://{vm.record.ip}/cgi-bin/status")
+                reply.raise_for_status()
+                return reply.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                return {"error": f"guest status page unreachable: {exc.__class__.__name__}: {exc}"}

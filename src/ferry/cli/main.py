@@ -1,0 +1,286 @@
+"""`ferry`: the command line. Every listing takes --json for scripts."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ferry.cli import render
+from ferry.cli.client import ApiError, ControllerClient
+from ferry.model import FerryError
+
+app = typer.Typer(help="ferry: transparent maintenance for a fleet of VMs, by live migration.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+lab_app = typer.Typer(help="A whole fleet on this machine.", no_args_is_help=True)
+vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+host_app = typer.Typer(help="Hosts of the fleet.", no_args_is_help=True)
+migration_app = typer.Typer(help="Live migrations.", no_args_is_help=True)
+image_app = typer.Typer(help="The guest image.", no_args_is_help=True)
+for sub, name in ((lab_app, "lab"), (vm_app, "vm"), (host_app, "host"), (migration_app, "migration"),
+                  (image_app, "image")):
+    app.add_typer(sub, name=name)
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fails_cleanly(fn):
+    """A user's error is one line on stderr and exit code 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ferry.lab.lab import LabError
+        from ferry.net.errors import NetError
+        from ferry.qemu.image import ImageBuildError
+        try:
+            return fn(*args, **kwargs)
+        except (ApiError, FerryError, LabError, NetError, ImageBuildError) as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+    return wrapper
+
+
+def emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---- servers --------------------------------------------------------------------------------
+@app.command()
+def agent(name: str = typer.Option(..., help="host name"),
+          listen: str = typer.Option("127.0.0.1:8700", help="HOST:PORT or unix:/path"),
+          underlay_ip: str = typer.Option(..., help="address migration streams arrive at"),
+          memory: int = typer.Option(4096, help="MiB offered to VMs"),
+          vcpus: int = typer.Option(4),
+          state_dir: Path = typer.Option(Path("/var/lib/ferry/agent")),
+          accel: str = typer.Option("tcg", help="tcg, or kvm on real hosts"),
+          fabric: str = typer.Option("none", help="none, or lab:<fabric namespace>"),
+          versions_file: Optional[Path] = typer.Option(None),
+          image_dir: Optional[Path] = typer.Option(None),
+          label: list[str] = typer.Option([], help="KEY=VALUE, repeatable")):
+    """Run a host agent."""
+    from ferry.agent.main import run_agent
+    from ferry.agent.settings import AgentSettings
+    labels = dict(item.split("=", 1) for item in label)
+    run_agent(AgentSettings(name=name, underlay_ip=underlay_ip, memory_mib=memory, vcpus=vcpus,
+                            state_dir=state_dir, image_dir=image_dir, accel=accel, fabric=fabric,
+                            labels=labels, versions_file=versions_file), listen)
+
+
+@app.command()
+def controller(listen: str = typer.Option("127.0.0.1:8787"),
+               db: Path = typer.Option(Path("/var/lib/ferry/ferry.db"), help="SQLite file")):
+    """Run the controller."""
+    from ferry.controller.main import run_controller
+    run_controller(db, listen)
+
+
+# ---- image ----------------------------------------------------------------------------------
+@image_app.command("build")
+@fails_cleanly
+def image_build(force: bool = typer.Option(False, help="rebuild even if present")):
+    """Build the guest image (Debian cloud kernel + busybox initramfs with memload)."""
+    from ferry.qemu.image import build_image
+    image = build_image(force=force, log=lambda m: out.print(m, highlight=False))
+    out.print(f"guest image ready: kernel {image.kernel_version}\n  {image.kernel}\n  {image.initrd}")
+
+
+# ---- lab ------------------------------------------------------------------------------------
+def _lab_config(**overrides):
+    from ferry.lab.config import LabConfig
+    return LabConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@lab_app.command("up")
+@fails_cleanly
+def lab_up(hosts: int = typer.Option(3, min=1, max=250),
+           host_memory: int = typer.Option(4096, help="MiB each lab host offers to VMs"),
+           host_vcpus: int = typer.Option(4),
+           accel: str = typer.Option("tcg")):
+    """Bring up a lab fleet: HOSTS namespaces with an agent each, a fabric, a client, a controller."""
+    from ferry.lab.lab import up
+    up(_lab_config(hosts=hosts, host_memory_mib=host_memory, host_vcpus=host_vcpus, accel=accel),
+       log=lambda m: out.print(m, highlight=False))
+
+
+@lab_app.command("down")
+@fails_cleanly
+def lab_down():
+    """Remove every namespace, process and file the lab made (safe to run twice)."""
+    from ferry.lab.lab import down
+    down(_lab_config(), log=lambda m: out.print(m, highlight=False))
+    out.print("lab down")
+
+
+@lab_app.command("status")
+@fails_cleanly
+def lab_status(as_json: bool = typer.Option(False, "--json")):
+    """Is a lab running here?"""
+    from ferry.lab.lab import lab_state, read_lab
+    cfg = _lab_config()
+    data = {"state": lab_state(cfg), "lab": read_lab(cfg)}
+    if as_json:
+        emit_json(data)
+    else:
+        out.print(f"lab {cfg.prefix}: {data['state']}")
+
+
+@lab_app.command("http")
+@fails_cleanly
+def lab_http(vm: str, path: str = typer.Option("/cgi-bin/status")):
+    """GET http://<VM IP><path> from the lab's client namespace."""
+    from ferry.lab.probe import from_client
+    ip = ControllerClient().get(f"/v1/vms/{vm}")["ip"]
+    result = from_client(_lab_config().prefix, "http", f"http://{ip}{path}")
+    if result.returncode != 0:
+        raise ApiError(result.stderr.strip() or f"no HTTP answer from {vm} at {ip}")
+    sys.stdout.write(result.stdout + ("\n" if not result.stdout.endswith("\n") else ""))
+
+
+# ---- hosts ----------------------------------------------------------------------------------
+@host_app.command("list")
+@fails_cleanly
+def host_list(as_json: bool = typer.Option(False, "--json")):
+    hosts = ControllerClient().get("/v1/hosts")
+    emit_json(hosts) if as_json else out.print(render.hosts_table(hosts))
+
+
+@host_app.command("show")
+@fails_cleanly
+def host_show(name: str, as_json: bool = typer.Option(False, "--json")):
+    detail = ControllerClient().get(f"/v1/hosts/{name}")
+    emit_json(detail) if as_json else out.print_json(data=detail)
+
+
+@host_app.command("add")
+@fails_cleanly
+def host_add(name: str, agent_url: str = typer.Option(..., help="http://host:port or unix:/path")):
+    """Register a host whose agent runs at AGENT_URL."""
+    emit_json(ControllerClient().post("/v1/hosts", {"name": name, "agent_url": agent_url}))
+
+
+# ---- VMs ------------------------------------------------------------------------------------
+@vm_app.command("create")
+@fails_cleanly
+def vm_create(name: str,
+              memory: int = typer.Option(512, help="MiB"),
+              vcpus: int = typer.Option(1),
+              workload: str = typer.Option("idle", help="idle, or memload:rate=MiB_PER_S[,size=MiB]"),
+              host: Optional[str] = typer.Option(None, help="pin to this host instead of letting the scheduler pick"),
+              wait: bool = typer.Option(True, help="wait until the guest answers on its status page"),
+              as_json: bool = typer.Option(False, "--json")):
+    """Boot a VM on a host the scheduler picks."""
+    api = ControllerClient()
+    vm = api.post("/v1/vms", {"name": name, "memory_mib": memory, "vcpus": vcpus, "workload": workload,
+                              "host": host})
+    if wait:
+        with out.status(f"booting {name} on {vm['host']}…"):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                guest = api.get(f"/v1/vms/{name}").get("guest") or {}
+                if "error" not in guest:
+                    break
+                time.sleep(0.5)
+            else:
+                raise ApiError(f"VM {name} booted on {vm['host']} but its guest did not answer within 120 s")
+    if as_json:
+        emit_json(vm)
+    else:
+        out.print(f"VM {name} running on {vm['host']} at {vm['ip']}")
+
+
+@vm_app.command("list")
+@fails_cleanly
+def vm_list(as_json: bool = typer.Option(False, "--json")):
+    vms = ControllerClient().get("/v1/vms")
+    emit_json(vms) if as_json else out.print(render.vms_table(vms))
+
+
+@vm_app.command("show")
+@fails_cleanly
+def vm_show(name: str, as_json: bool = typer.Option(False, "--json")):
+    """Spec, placement, state, and the guest's live status page."""
+    detail = ControllerClient().get(f"/v1/vms/{name}")
+    emit_json(detail) if as_json else out.print_json(data=detail)
+
+
+@vm_app.command("delete")
+@fails_cleanly
+def vm_delete(name: str):
+    ControllerClient().delete(f"/v1/vms/{name}")
+    out.print(f"VM {name} deleted")
+
+
+@vm_app.command("migrate")
+@fails_cleanly
+def vm_migrate(name: str,
+               to: Optional[str] = typer.Option(None, "--to", help="target host (default: the scheduler picks)"),
+               verify_memory: bool = typer.Option(False, help="compare guest RAM page by page before resuming"),
+               wait: bool = typer.Option(True),
+               as_json: bool = typer.Option(False, "--json")):
+    """Live-migrate a VM, with a progress bar."""
+    api = ControllerClient()
+    m = api.post("/v1/migrations", {"vm": name, "target": to, "verify_memory": verify_memory})
+    if wait:
+        m = _follow(api, m, quiet=as_json)
+    if as_json:
+        emit_json(m)
+    else:
+        out.print(render.timeline_table(m))
+        out.print(render.stats_table(m))
+        if m.get("error"):
+            err.print(f"[red]{m['phase']}:[/red] {m['error']}", highlight=False)
+    if m["phase"] in ("aborted", "failed"):
+        raise typer.Exit(1)
+
+
+def _follow(api: ControllerClient, m: dict, quiet: bool) -> dict:
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, disable=quiet, transient=False) as progress:
+        task = progress.add_task(f"{m['vm']} {m['source']}→{m['target']}", total=1, detail="")
+        while True:
+            m = api.get(f"/v1/migrations/{m['id']}")
+            p = m.get("progress") or {}
+            total = p.get("total") or 0
+            if total:
+                progress.update(task, total=total, completed=max(0, total - p.get("remaining", 0)))
+            progress.update(task, detail=(
+                f"{m['phase']:<13} sent {render.mib(p.get('transferred'))}  left {render.mib(p.get('remaining'))}"
+                f"  dirty {p.get('dirty_rate_mib_s', 0):.0f} MiB/s"))
+            if m["phase"] in ("completed", "aborted", "failed"):
+                if m["phase"] == "completed" and total:
+                    progress.update(task, completed=total)
+                return m
+            time.sleep(0.25)
+
+
+# ---- migrations -----------------------------------------------------------------------------
+@migration_app.command("list")
+@fails_cleanly
+def migration_list(vm: Optional[str] = typer.Option(None), as_json: bool = typer.Option(False, "--json")):
+    ms = ControllerClient().get("/v1/migrations", params={"vm": vm} if vm else None)
+    emit_json(ms) if as_json else out.print(render.migrations_table(ms))
+
+
+@migration_app.command("show")
+@fails_cleanly
+def migration_show(migration_id: str, as_json: bool = typer.Option(False, "--json")):
+    """Phase timeline and statistics of one migration."""
+    m = ControllerClient().get(f"/v1/migrations/{migration_id}")
+    if as_json:
+        emit_json(m)
+        return
+    out.print(render.timeline_table(m))
+    out.print(render.stats_table(m))
+    if m.get("error"):
+        out.print(f"[red]{m['phase']}:[/red] {m['error']}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

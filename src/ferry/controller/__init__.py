@@ -1,0 +1,1 @@
+"""The controller: API, scheduler, migrator, over a store, talking to host agents."""

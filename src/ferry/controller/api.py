@@ -1,0 +1,105 @@
+"""The controller's REST API (FastAPI; the OpenAPI schema is served at /openapi.json)."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from ferry.controller.service import Controller
+from ferry.model import FerryError
+
+
+class HostBody(BaseModel):
+    name: str
+    agent_url: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class VmBody(BaseModel):
+    name: str
+    memory_mib: int = 512
+    vcpus: int = 1
+    workload: str = "idle"
+    host: str | None = None
+
+
+class MigrationBody(BaseModel):
+    vm: str
+    target: str | None = None
+    verify_memory: bool = False
+
+
+def create_app(controller: Controller) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await controller.recover()
+        yield
+        await controller.close()
+
+    app = FastAPI(title="ferry controller", lifespan=lifespan)
+
+    @app.exception_handler(FerryError)
+    async def ferry_error(request: Request, exc: FerryError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"detail": f"malformed request: {where}: {first.get('msg', 'invalid')}",
+                             "errors": jsonable(exc.errors())}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True}
+
+    @app.get("/v1/hosts")
+    async def list_hosts():
+        return controller.host_summaries()
+
+    @app.post("/v1/hosts", status_code=201)
+    async def add_host(body: HostBody):
+        return (await controller.add_host(body.name, body.agent_url, body.labels)).to_dict()
+
+    @app.get("/v1/hosts/{name}")
+    async def show_host(name: str):
+        return await controller.host_detail(name)
+
+    @app.get("/v1/vms")
+    async def list_vms():
+        return [i.to_dict() for i in controller.store.list_instances()]
+
+    @app.post("/v1/vms", status_code=201)
+    async def create_vm(body: VmBody):
+        inst = await controller.create_vm(body.name, body.memory_mib, body.vcpus, body.workload, body.host)
+        return inst.to_dict()
+
+    @app.get("/v1/vms/{name}")
+    async def show_vm(name: str):
+        return await controller.vm_detail(name)
+
+    @app.delete("/v1/vms/{name}")
+    async def delete_vm(name: str):
+        await controller.delete_vm(name)
+        return {"deleted": name}
+
+    @app.get("/v1/migrations")
+    async def list_migrations(vm: str | None = None):
+        return [m.to_dict() for m in controller.store.list_migrations(vm)]
+
+    @app.post("/v1/migrations", status_code=201)
+    async def start_migration(body: MigrationBody):
+        return (await controller.start_migration(body.vm, body.target, body.verify_memory)).to_dict()
+
+    @app.get("/v1/migrations/{migration_id}")
+    async def show_migration(migration_id: str):
+        return controller.migration(migration_id).to_dict()
+
+    return app
+
+
+def jsonable(errors: list) -> list:
+    return [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]

@@ -1,0 +1,191 @@
+"""One live migration, driven as a persisted state machine.
+
+pending -> target-ready -> connected -> precopy -> blackout -> [verifying] ->
+postmigration -> completed; or aborted / failed, rolled back so that the VM
+keeps running on its source. Like Ganeti, source and target are always
+finalized as a pair, and the VM's placement is recorded only after both ends
+have succeeded (the target runs, the source has handed over).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from ferry.controller.agent_client import AgentClient
+from ferry.controller.policy import MigrationPolicy, Progress, Verdict, judge
+from ferry.model import InstanceState, Migration, Phase
+from ferry.qemu.memcheck import differing_pages
+from ferry.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class MigrationAborted(Exception):
+    """Rolled back before switchover; the VM runs on its source."""
+
+
+class MigrationFailed(Exception):
+    """Something was wrong after the stream completed (e.g. memory differs); rolled back too."""
+
+
+class Migrator:
+    def __init__(self, store: Store, agent_for: Callable[[str], AgentClient], policy: MigrationPolicy,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.agent_for = agent_for
+        self.policy = policy
+        self.clock = clock
+
+    def _enter(self, m: Migration, phase: Phase, at: float | None = None) -> None:
+        m.enter(phase, at if at is not None else self.clock())
+        self.store.put_migration(m)
+        log.info("migration %s of %s: %s", m.id, m.vm, phase.value)
+
+    async def run(self, m: Migration) -> Migration:
+        inst = self.store.get_instance(m.vm)
+        src, dst = self.agent_for(m.source), self.agent_for(m.target)
+        spec = inst.spec
+        target_made = False
+        completed_on_source = False
+        try:
+            body = {"name": inst.name, "ip": inst.ip, "mac": inst.mac, "memory_mib": spec.memory_mib,
+                    "vcpus": spec.vcpus, "workload": str(spec.workload), "start_paused": m.verify_memory}
+            incoming = await dst.prepare_incoming(body)
+            target_made = True
+            self._enter(m, Phase.TARGET_READY)
+            started = await src.migrate(m.vm, {"uri": incoming["uri"], **self.policy.agent_settings()})
+            t0 = started["started_at"]
+            self._enter(m, Phase.CONNECTED, t0)
+            final = await self._monitor(m, src, t0, spec.memory_mib)
+            completed_on_source = True
+            self._record_stream_stats(m, final)
+            if m.verify_memory:
+                await self._verify(m, src, dst)
+                await dst.resume(m.vm)
+            resume_at = await self._wait_resume(dst, m.vm, t0)
+        except Exception as exc:  # noqa: BLE001 - every failure must end in a rollback
+            aborted = isinstance(exc, MigrationAborted)
+            reason = str(exc) or exc.__class__.__name__
+            await self._roll_back(m, src, dst if target_made else None, completed_on_source,
+                                  Phase.ABORTED if aborted else Phase.FAILED, reason)
+            return m
+
+        stop_at = m.entered_at(Phase.BLACKOUT)
+        m.stats.blackout_ms = round((resume_at - stop_at) * 1000, 2) if stop_at else None
+        self._enter(m, Phase.POSTMIGRATION, resume_at)
+        # Both ends succeeded: the target runs and the source has handed over. Record placement.
+        inst.host, inst.state, inst.migrations = m.target, InstanceState.RUNNING, inst.migrations + 1
+        self.store.put_instance(inst)
+        try:
+            await dst.activate(m.vm)          # the fabric routes the VM's address to the target
+            await src.delete_vm(m.vm)
+        except Exception as exc:  # noqa: BLE001 - the VM runs on the target; cleanup can be retried
+            m.error = f"switchover done, but cleanup on the source failed: {exc}"
+            log.warning("migration %s: %s", m.id, m.error)
+        self._enter(m, Phase.COMPLETED)
+        self._finish_stats(m)
+        m.finished_at = self.clock()
+        self.store.put_migration(m)
+        return m
+
+    async def _monitor(self, m: Migration, src: AgentClient, t0: float, memory_mib: int) -> dict:
+        progress = Progress(started=self.clock())
+        since = t0 - 0.05
+        while True:
+            st = await src.migration_status(m.vm, since)
+            sample = st["sample"]
+            m.progress = sample
+            rate = sample.get("dirty_rate_mib_s") or 0.0
+            m.stats.max_dirty_rate_mib_s = max(m.stats.max_dirty_rate_mib_s or 0.0, rate)
+            for ev in st["migration_events"]:
+                if ev["status"] == "active" and m.entered_at(Phase.PRECOPY) is None:
+                    self._enter(m, Phase.PRECOPY, ev["at"])
+            if st["stop_at"] and m.entered_at(Phase.BLACKOUT) is None:
+                if m.entered_at(Phase.PRECOPY) is None:
+                    self._enter(m, Phase.PRECOPY, st["stop_at"])
+                self._enter(m, Phase.BLACKOUT, st["stop_at"])
+            status = sample["status"]
+            if status == "completed":
+                return sample
+            if status in ("failed", "cancelled"):
+                raise MigrationAborted(f"QEMU reports the migration {status}: {sample.get('error') or 'no detail'}")
+            verdict, why = judge(self.policy, progress, self.clock(), sample.get("remaining", 0), memory_mib)
+            if verdict is Verdict.ABORT:
+                raise MigrationAborted(why)
+            self.store.put_migration(m)
+            await asyncio.sleep(self.policy.poll_interval_s)
+
+    async def _verify(self, m: Migration, src: AgentClient, dst: AgentClient) -> None:
+        self._enter(m, Phase.VERIFYING)
+        started = self.clock()
+        a, b = await asyncio.gather(src.page_digests(m.vm), dst.page_digests(m.vm))
+        diff = differing_pages(a, b)
+        m.stats.pages_compared = max(len(a), len(b)) // 8
+        m.stats.pages_different = len(diff)
+        m.stats.verify_ms = round((self.clock() - started) * 1000, 1)
+        if diff:
+            raise MigrationFailed(
+                f"memory verification failed: {len(diff)} of {m.stats.pages_compared} guest pages differ"
+                f" between source and target (first: {', '.join(hex(p * 4096) for p in diff[:5])})")
+
+    async def _wait_resume(self, dst: AgentClient, vm: str, t0: float, timeout_s: float = 30.0) -> float:
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            st = await dst.migration_status(vm, t0 - 0.05)
+            if st["resume_at"]:
+                return st["resume_at"]
+            if st["sample"]["status"] == "failed":
+                raise MigrationFailed(f"target failed to load the VM: {st['sample'].get('error') or 'no detail'}")
+            await asyncio.sleep(0.05)
+        raise MigrationFailed(f"target did not resume the VM within {timeout_s:.0f} s")
+
+    async def _roll_back(self, m: Migration, src: AgentClient, dst: AgentClient | None,
+                         completed_on_source: bool, phase: Phase, reason: str) -> None:
+        """Target first, then source: the VM must never run in two places."""
+        log.warning("migration %s of %s: rolling back: %s", m.id, m.vm, reason)
+        target_gone = True
+        if dst is not None:
+            try:
+                await dst.delete_vm(m.vm)
+            except Exception as exc:  # noqa: BLE001
+                target_gone = False
+                reason += f"; and the target VM could not be deleted: {exc}"
+        inst = self.store.get_instance(m.vm)
+        if target_gone or not completed_on_source:
+            try:
+                await src.cancel_migration(m.vm)
+                inst.state = InstanceState.RUNNING
+            except Exception as exc:  # noqa: BLE001
+                inst.state = InstanceState.ERROR
+                reason += f"; and the source VM could not be resumed: {exc}"
+        else:
+            inst.state = InstanceState.ERROR
+            reason += "; the VM stays paused on its source until the target is known to be gone"
+        inst.error = None if inst.state is InstanceState.RUNNING else reason
+        self.store.put_instance(inst)
+        m.error = reason
+        self._enter(m, phase)
+        self._finish_stats(m)
+        m.finished_at = self.clock()
+        self.store.put_migration(m)
+
+    def _record_stream_stats(self, m: Migration, final: dict) -> None:
+        m.stats.qemu_downtime_ms = final.get("downtime_ms")
+        m.stats.bytes_transferred = final.get("transferred")
+        m.stats.ram_total_bytes = final.get("total")
+        m.stats.dirty_sync_count = final.get("dirty_sync_count")
+        m.stats.dirty_pages_rate = final.get("dirty_pages_rate")
+        m.stats.mbps = final.get("mbps")
+        m.stats.setup_ms = final.get("setup_time_ms")
+
+    def _finish_stats(self, m: Migration) -> None:
+        precopy, blackout = m.entered_at(Phase.PRECOPY), m.entered_at(Phase.BLACKOUT)
+        post, done = m.entered_at(Phase.POSTMIGRATION), m.entered_at(Phase.COMPLETED)
+        if precopy and blackout:
+            m.stats.precopy_s = round(blackout - precopy, 3)
+        if post and done:
+            m.stats.postmigration_s = round(done - post, 3)
+        end = m.timeline[-1][1] if m.timeline else self.clock()
+        m.stats.total_s = round(end - m.created_at, 3)

@@ -1,0 +1,44 @@
+"""Where a lab lives and how big it is. Environment variables let tests run a lab of their own."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:8787"
+
+
+def controller_url() -> str:
+    return os.environ.get("FERRY_CONTROLLER", DEFAULT_CONTROLLER)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    prefix: str = os.environ.get("FERRY_LAB_PREFIX", "ferry")
+    state_dir: Path = Path(os.environ.get("FERRY_LAB_DIR", "/run/ferry-lab"))
+    controller: str = controller_url()
+    hosts: int = 3
+    host_memory_mib: int = 4096
+    host_vcpus: int = 4
+    accel: str = "tcg"
+    hosts_per_rack: int = 2
+
+    def host_names(self) -> list[str]:
+        return [f"host-{i}" for i in range(1, self.hosts + 1)]
+
+    def host_dir(self, host: str) -> Path:
+        return self.state_dir / "hosts" / host
+
+    def agent_socket(self, host: str) -> Path:
+        return self.host_dir(host) / "agent.sock"
+
+    @property
+    def lab_file(self) -> Path:
+        return self.state_dir / "lab.json"
+
+    @property
+    def controller_listen(self) -> str:
+        return self.controller.removeprefix("http://").rstrip("/")
+
+    def labels(self, index: int) -> dict[str, str]:
+        return {"rack": f"rack-{(index - 1) // self.hosts_per_rack + 1}", "zone": "lab-a"}

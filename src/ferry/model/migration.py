@@ -1,0 +1,100 @@
+"""A live migration: its phases, their wall-clock timestamps, and what was measured.
+
+The phase order follows the design: pending -> target-ready -> connected ->
+precopy (pre-migration brownout) -> blackout -> postmigration (post-migration
+brownout, the source still supports the VM) -> completed; or aborted (rolled
+back, the VM still runs on its source) or failed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Phase(str, Enum):
+    PENDING = "pending"
+    NOTIFIED = "notified"
+    TARGET_READY = "target-ready"
+    CONNECTED = "connected"
+    PRECOPY = "precopy"
+    BLACKOUT = "blackout"
+    POSTCOPY = "postcopy"
+    VERIFYING = "verifying"
+    POSTMIGRATION = "postmigration"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.ABORTED, Phase.FAILED})
+
+
+@dataclass
+class MigrationStats:
+    """Measurements of one migration; times in seconds or milliseconds as named."""
+
+    precopy_s: float | None = None           # pre-migration brownout: migrate command -> source STOP
+    blackout_ms: float | None = None         # source STOP event -> target RESUME event
+    qemu_downtime_ms: float | None = None    # QEMU's own figure, beside ours
+    verify_ms: float | None = None           # memory comparison inside blackout (verification mode only)
+    postmigration_s: float | None = None     # target RESUME -> source VM deleted
+    total_s: float | None = None
+    bytes_transferred: int | None = None
+    ram_total_bytes: int | None = None
+    dirty_sync_count: int | None = None
+    dirty_pages_rate: int | None = None      # pages/s, last seen by QEMU
+    max_dirty_rate_mib_s: float | None = None
+    mbps: float | None = None
+    setup_ms: float | None = None
+    pages_compared: int | None = None
+    pages_different: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Migration:
+    id: str
+    vm: str
+    source: str
+    target: str
+    phase: Phase = Phase.PENDING
+    # Ordered list of (phase, wall-clock time entered) pairs.
+    timeline: list[tuple[str, float]] = field(default_factory=list)
+    stats: MigrationStats = field(default_factory=MigrationStats)
+    progress: dict = field(default_factory=dict)   # the latest query-migrate sample
+    verify_memory: bool = False
+    reason: str = "operator"
+    error: str | None = None
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    def enter(self, phase: Phase, at: float) -> None:
+        self.phase = phase
+        self.timeline.append((phase.value, at))
+
+    def entered_at(self, phase: Phase) -> float | None:
+        for name, at in self.timeline:
+            if name == phase.value:
+                return at
+        return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        d["timeline"] = [list(t) for t in self.timeline]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Migration":
+        return cls(**{
+            **d,
+            "phase": Phase(d["phase"]),
+            "timeline": [(p, float(t)) for p, t in d.get("timeline", [])],
+            "stats": MigrationStats(**d.get("stats", {})),
+        })

@@ -1,0 +1,1 @@
+"""Launching QEMU, talking QMP to it, and migration parameters and statistics."""
