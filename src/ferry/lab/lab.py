@@ -117,7 +117,7 @@ def up(cfg: LabConfig, log: Callable[[str], None] = print) -> dict:
 def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[str], None]) -> dict:
     names = cfg.host_names()
     net.create(names)
-    log(f"network: fabric {layout.fabric_ns}, client {layout.client_ns}, hosts {', '.join(names)}")
+    log(f"network: fabric {layout.fabric_ns()}, client {layout.client_ns()}, hosts {', '.join(names)}")
     lab: dict = {"prefix": cfg.prefix, "created_at": time.time(), "hosts": [], "controller": {}}
     for index, host in enumerate(names, start=1):
         host_dir = cfg.host_dir(host)
@@ -128,7 +128,7 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
             "agent", "--name", host, "--listen", f"unix:{cfg.agent_socket(host)}",
             "--underlay-ip", layout.host_underlay_ip(index), "--memory", str(cfg.host_memory_mib),
             "--vcpus", str(cfg.host_vcpus), "--state-dir", str(host_dir), "--accel", cfg.accel,
-            "--fabric", f"lab:{layout.fabric_ns}", "--versions-file", str(versions),
+            "--fabric", f"lab:{layout.fabric_ns()}", "--versions-file", str(versions),
             *[f"--label={k}={v}" for k, v in cfg.labels(index).items()])]
         pid = spawn(argv, host_dir / "agent.log")
         lab["hosts"].append({"name": host, "netns": layout.host_ns(host), "pid": pid,

@@ -15,7 +15,7 @@ from ferry.net.addressing import LabLayout
 
 
 def client_argv(prefix: str, *args: str) -> list[str]:
-    return ["ip", "netns", "exec", LabLayout(prefix).client_ns, sys.executable, "-m", "ferry.lab.probe", *args]
+    return ["ip", "netns", "exec", LabLayout(prefix).client_ns(), sys.executable, "-m", "ferry.lab.probe", *args]
 
 
 def from_client(prefix: str, *args: str, timeout_s: float = 20.0) -> subprocess.CompletedProcess:
