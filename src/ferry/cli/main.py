@@ -130,6 +130,15 @@ def lab_status(as_json: bool = typer.Option(False, "--json")):
         out.print(f"lab {cfg.prefix}: {data['state']}")
 
 
+@lab_app.command("restart-agent")
+@fails_cleanly
+def lab_restart_agent(host: str):
+    """Restart one host's agent (its VMs keep running; it re-attaches to them)."""
+    from ferry.lab.lab import restart_agent
+    pid = restart_agent(_lab_config(), host)
+    out.print(f"agent of {host} restarted (pid {pid})")
+
+
 @lab_app.command("http")
 @fails_cleanly
 def lab_http(vm: str, path: str = typer.Option("/cgi-bin/status")):

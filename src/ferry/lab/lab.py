@@ -131,7 +131,7 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
             "--fabric", f"lab:{layout.fabric_ns()}", "--versions-file", str(versions),
             *[f"--label={k}={v}" for k, v in cfg.labels(index).items()])]
         pid = spawn(argv, host_dir / "agent.log")
-        lab["hosts"].append({"name": host, "netns": layout.host_ns(host), "pid": pid,
+        lab["hosts"].append({"name": host, "netns": layout.host_ns(host), "pid": pid, "argv": argv,
                              "underlay_ip": layout.host_underlay_ip(index),
                              "agent_url": f"unix:{cfg.agent_socket(host)}", "labels": cfg.labels(index)})
     ctl_log = cfg.state_dir / "controller.log"
@@ -151,3 +151,20 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
                 raise LabError(f"registering {h['name']} failed: {reply.json().get('detail')}")
     log(f"lab up: {len(names)} hosts, controller at {cfg.controller}")
     return lab
+
+
+def restart_agent(cfg: LabConfig, host: str) -> int:
+    """End a host's agent and start it again; its VMs keep running and it re-attaches to them."""
+    lab = read_lab(cfg)
+    if lab is None:
+        raise LabError("no lab is running here")
+    entry = next((h for h in lab["hosts"] if h["name"] == host), None)
+    if entry is None:
+        raise LabError(f"unknown lab host {host!r}")
+    terminate([entry["pid"]], _marker(cfg))
+    entry["pid"] = spawn(entry["argv"], cfg.host_dir(host) / "agent.log")
+    cfg.lab_file.write_text(json.dumps(lab, indent=1))
+    with httpx.Client(transport=httpx.HTTPTransport(uds=entry["agent_url"].removeprefix("unix:")),
+                      base_url="http://agent") as client:
+        _wait_http(client, f"agent of {host}", cfg.host_dir(host) / "agent.log")
+    return entry["pid"]
