@@ -9,10 +9,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+import asyncio
+import json
+import os
+
+from ferry.agent.health import inject, read_health
 from ferry.agent.inventory import cpu_model, qemu_version, software_versions
 from ferry.agent.settings import AgentSettings
 from ferry.agent.vms import VmManager
-from ferry.model import FerryError, InstanceSpec, parse_workload
+from ferry.model import Conflict, FerryError, InstanceSpec, parse_workload
 from ferry.qemu.migration import MigrationSettings
 
 
@@ -29,6 +34,20 @@ class VmBody(BaseModel):
         return InstanceSpec(self.memory_mib, self.vcpus, parse_workload(self.workload))
 
 
+class MaintenanceEventBody(BaseModel):
+    value: str = Field(pattern="^(NONE|MIGRATE_ON_HOST_MAINTENANCE|TERMINATE_ON_HOST_MAINTENANCE)$")
+    upcoming: dict | None = None
+
+
+class ApplyBody(BaseModel):
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class SignalBody(BaseModel):
+    ecc: int | None = Field(None, ge=0)
+    disk: str | None = Field(None, pattern="^(PASSED|FAILED|FAILING)$")
+
+
 class MigrateBody(BaseModel):
     uri: str
     max_bandwidth_mib_s: int = Field(1024, gt=0)
@@ -43,7 +62,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         await manager.restore()
         yield
-        await manager.shutdown()
+        await manager.close()
 
     app = FastAPI(title=f"ferry agent {settings.name}", lifespan=lifespan)
     app.state.manager = manager
@@ -70,6 +89,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
             "cpu_model": cpu_model(),
             "versions": software_versions(settings.versions_file, settings.qemu_binary),
             "labels": settings.labels,
+            "health": read_health(settings.edac_dir, settings.smart_file),
             "vms": sorted(manager.vms),
             "reported_at": time.time(),
         }
@@ -132,5 +152,37 @@ def create_app(settings: AgentSettings) -> FastAPI:
     async def page_digests(name: str):
         digests = await manager.page_digests(name)
         return {"digest_bytes": 8, "pages": len(digests) // 8, "digests": base64.b64encode(digests).decode()}
+
+    @app.post("/v1/vms/{name}/maintenance-event")
+    async def maintenance_event(name: str, body: MaintenanceEventBody):
+        return await manager.set_maintenance_event(name, body.value, body.upcoming)
+
+    @app.post("/v1/vms/{name}/shutdown")
+    async def shutdown(name: str):
+        return await manager.shutdown(name)
+
+    @app.post("/v1/maintenance/apply")
+    async def apply_maintenance(body: ApplyBody):
+        """The host's maintenance action. A real host runs its hook; a lab host rewrites its versions."""
+        if manager.vms:
+            raise Conflict(f"host {settings.name} still runs VMs ({', '.join(sorted(manager.vms))}); drain it first")
+        if settings.maintenance_hook:
+            proc = await asyncio.create_subprocess_shell(
+                settings.maintenance_hook, env={**os.environ, "FERRY_HOST": settings.name,
+                                                "FERRY_VERSIONS": json.dumps(body.versions)})
+            if await proc.wait() != 0:
+                raise FerryError(f"maintenance hook of {settings.name} exited with {proc.returncode}")
+        if settings.lab_signals and settings.versions_file:
+            current = json.loads(settings.versions_file.read_text()) if settings.versions_file.exists() else {}
+            settings.versions_file.write_text(json.dumps({**current, **body.versions}))
+            inject(settings.edac_dir, settings.smart_file, ecc=0, disk="PASSED")   # the repair
+        return {"versions": software_versions(settings.versions_file, settings.qemu_binary)}
+
+    @app.post("/v1/health/inject")
+    async def inject_signal(body: SignalBody):
+        if not settings.lab_signals:
+            raise FerryError(f"host {settings.name} is not a lab host; its health signals are real")
+        inject(settings.edac_dir, settings.smart_file, body.ecc, body.disk)
+        return read_health(settings.edac_dir, settings.smart_file)
 
     return app

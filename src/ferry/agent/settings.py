@@ -18,6 +18,10 @@ class AgentSettings:
     qemu_binary: str = "qemu-system-x86_64"
     labels: dict[str, str] = field(default_factory=dict)
     versions_file: Path | None = None  # software versions this host reports (rewritten by maintenance)
+    edac_dir: Path = Path("/sys/devices/system/edac")   # corrected memory errors: mc*/ce_count
+    smart_file: Path | None = None     # a file holding the disk's SMART overall-health result
+    lab_signals: bool = False          # the lab may inject health signals and rewrite versions
+    maintenance_hook: str | None = None  # command run by /v1/maintenance/apply on a real host
 
     @property
     def vms_dir(self) -> Path:

@@ -62,6 +62,8 @@ class VmManager:
         self.settings = settings
         self.fabric = fabric_from_spec(settings.fabric)
         self.vms: dict[str, HostVm] = {}
+        self.maintenance_events: dict[str, tuple[str, dict | None]] = {}   # vm -> (value, upcoming)
+        self.metadata = None      # the guest metadata service, when the agent runs one
         self._create_lock = asyncio.Lock()   # capacity is checked and taken under it
 
     # ---- helpers -------------------------------------------------------------------------
@@ -243,9 +245,30 @@ class VmManager:
         await asyncio.to_thread(self.fabric.withdraw, record.ip, self.settings.underlay_ip)
         shutil.rmtree(launch.run_dir, ignore_errors=True)
 
-    async def shutdown(self) -> None:
+    async def close(self) -> None:
         for vm in self.vms.values():
             await vm.qmp.close()
+
+    async def set_maintenance_event(self, name: str, value: str, upcoming: dict | None) -> dict:
+        """What the guest's metadata server says about host maintenance (GCE semantics)."""
+        self.get(name)
+        self.maintenance_events[name] = (value, upcoming)
+        if self.metadata is not None:
+            self.metadata.set_maintenance_event(name, value, upcoming)
+        return {"name": name, "maintenance_event": value, "set_at": time.time()}
+
+    async def shutdown(self, name: str, grace_s: float = 15.0) -> dict:
+        """Ask the guest to power off (ACPI), then end QEMU if it has not within the grace period."""
+        vm = self.get(name)
+        clean = False
+        try:
+            await vm.qmp.execute("system_powerdown")
+            await vm.qmp.wait_for_event("SHUTDOWN", timeout_s=grace_s)
+            clean = True
+        except Exception:  # noqa: BLE001 - a guest that ignores ACPI is stopped the hard way
+            pass
+        await self.delete(name)
+        return {"name": name, "clean": clean}
 
     # ---- reporting -------------------------------------------------------------------------
     def describe(self, vm: HostVm) -> dict:

@@ -27,8 +27,8 @@ for sub, name in ((lab_app, "lab"), (vm_app, "vm"), (host_app, "host"), (migrati
                   (image_app, "image")):
     app.add_typer(sub, name=name)
 
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fails_cleanly(fn):
@@ -62,22 +62,31 @@ def agent(name: str = typer.Option(..., help="host name"),
           fabric: str = typer.Option("none", help="none, or lab:<fabric namespace>"),
           versions_file: Optional[Path] = typer.Option(None),
           image_dir: Optional[Path] = typer.Option(None),
-          label: list[str] = typer.Option([], help="KEY=VALUE, repeatable")):
+          label: list[str] = typer.Option([], help="KEY=VALUE, repeatable"),
+          edac_dir: Path = typer.Option(Path("/sys/devices/system/edac"), help="EDAC counters (mc*/ce_count)"),
+          smart_file: Optional[Path] = typer.Option(None, help="file with the disk's SMART health result"),
+          lab_signals: bool = typer.Option(False, help="lab host: allow injected health signals"),
+          maintenance_hook: Optional[str] = typer.Option(None, help="command the maintenance action runs")):
     """Run a host agent."""
     from ferry.agent.main import run_agent
     from ferry.agent.settings import AgentSettings
     labels = dict(item.split("=", 1) for item in label)
     run_agent(AgentSettings(name=name, underlay_ip=underlay_ip, memory_mib=memory, vcpus=vcpus,
                             state_dir=state_dir, image_dir=image_dir, accel=accel, fabric=fabric,
-                            labels=labels, versions_file=versions_file), listen)
+                            labels=labels, versions_file=versions_file, edac_dir=edac_dir,
+                            smart_file=smart_file, lab_signals=lab_signals,
+                            maintenance_hook=maintenance_hook), listen)
 
 
 @app.command()
 def controller(listen: str = typer.Option("127.0.0.1:8787"),
-               db: Path = typer.Option(Path("/var/lib/ferry/ferry.db"), help="SQLite file")):
+               db: Path = typer.Option(Path("/var/lib/ferry/ferry.db"), help="SQLite file"),
+               config: Optional[Path] = typer.Option(None, help="TOML: [planner], [health], [migration]"),
+               manifest: Optional[Path] = typer.Option(None, help="fleet manifest (TOML), watched for changes")):
     """Run the controller."""
+    from ferry.controller.config import load_config
     from ferry.controller.main import run_controller
-    run_controller(db, listen)
+    run_controller(db, listen, load_config(config, manifest))
 
 
 # ---- image ----------------------------------------------------------------------------------
@@ -166,6 +175,40 @@ def host_show(name: str, as_json: bool = typer.Option(False, "--json")):
     emit_json(detail) if as_json else out.print_json(data=detail)
 
 
+@host_app.command("drain")
+@fails_cleanly
+def host_drain(name: str):
+    """Move every VM off HOST and leave it in maintenance (until `ferry host undrain`)."""
+    e = ControllerClient().post(f"/v1/hosts/{name}/drain", {})
+    out.print(f"draining {name}: maintenance event {e['id']}")
+
+
+@host_app.command("undrain")
+@fails_cleanly
+def host_undrain(name: str):
+    """Return HOST to service (cancels its drain if one is under way)."""
+    h = ControllerClient().post(f"/v1/hosts/{name}/undrain", {})
+    out.print(f"{name} is {h['state']}")
+
+
+@host_app.command("signal")
+@fails_cleanly
+def host_signal(name: str, signals: list[str] = typer.Argument(..., help="ecc=N and/or disk=PASSED|FAILED")):
+    """Lab: inject a health signal on HOST (corrected memory errors, disk health)."""
+    body: dict = {}
+    for item in signals:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("ecc", "disk"):
+            raise ApiError(f"malformed signal {item!r}: use ecc=N or disk=PASSED|FAILED")
+        if key == "ecc":
+            if not value.isdigit():
+                raise ApiError(f"malformed signal {item!r}: ecc must be a whole number")
+            body["ecc"] = int(value)
+        else:
+            body["disk"] = value.upper()
+    emit_json(ControllerClient().post(f"/v1/hosts/{name}/signal", body))
+
+
 @host_app.command("add")
 @fails_cleanly
 def host_add(name: str, agent_url: str = typer.Option(..., help="http://host:port or unix:/path")):
@@ -181,12 +224,13 @@ def vm_create(name: str,
               vcpus: int = typer.Option(1),
               workload: str = typer.Option("idle", help="idle, or memload:rate=MiB_PER_S[,size=MiB]"),
               host: Optional[str] = typer.Option(None, help="pin to this host instead of letting the scheduler pick"),
+              on_host_maintenance: str = typer.Option("migrate", help="migrate, or terminate (shut down, restart after)"),
               wait: bool = typer.Option(True, help="wait until the guest answers on its status page"),
               as_json: bool = typer.Option(False, "--json")):
     """Boot a VM on a host the scheduler picks."""
     api = ControllerClient()
     vm = api.post("/v1/vms", {"name": name, "memory_mib": memory, "vcpus": vcpus, "workload": workload,
-                              "host": host})
+                              "host": host, "on_host_maintenance": on_host_maintenance})
     if wait:
         with out.status(f"booting {name} on {vm['host']}…"):
             deadline = time.monotonic() + 120
@@ -267,6 +311,76 @@ def _follow(api: ControllerClient, m: dict, quiet: bool) -> dict:
                     progress.update(task, completed=total)
                 return m
             time.sleep(0.25)
+
+
+# ---- maintenance ----------------------------------------------------------------------------
+maintenance_app = typer.Typer(help="Maintenance events.", no_args_is_help=True)
+app.add_typer(maintenance_app, name="maintenance")
+
+
+def parse_when(text: str | None) -> float | None:
+    """`+30s`, `+5m`, an ISO time, or seconds since the epoch."""
+    import datetime as dt
+    if text is None:
+        return None
+    t = text.strip()
+    if t.startswith("+"):
+        units = {"s": 1, "m": 60, "h": 3600}
+        n, unit = (t[1:-1], t[-1]) if t[-1] in units else (t[1:], "s")
+        if not n.replace(".", "", 1).isdigit():
+            raise ApiError(f"malformed time {text!r}: use +30s, +5m, an ISO time or epoch seconds")
+        return time.time() + float(n) * units[unit]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError:
+        raise ApiError(f"malformed time {text!r}: use +30s, +5m, an ISO time or epoch seconds") from None
+    return when.timestamp()
+
+
+@maintenance_app.command("schedule")
+@fails_cleanly
+def maintenance_schedule(hosts: list[str], at: Optional[str] = typer.Option(None, help="+30s, +5m, ISO time"),
+                         reason: str = typer.Option("scheduled by operator"),
+                         as_json: bool = typer.Option(False, "--json")):
+    """Schedule maintenance of HOSTS: drain, run the maintenance action, return to service."""
+    e = ControllerClient().post("/v1/maintenance", {"hosts": hosts, "at": parse_when(at), "reason": reason})
+    emit_json(e) if as_json else out.print(f"maintenance event {e['id']} for {', '.join(e['hosts'])}: {e['state']}")
+
+
+@maintenance_app.command("list")
+@fails_cleanly
+def maintenance_list(as_json: bool = typer.Option(False, "--json")):
+    events = ControllerClient().get("/v1/maintenance")
+    emit_json(events) if as_json else out.print(render.events_table(events))
+
+
+@maintenance_app.command("show")
+@fails_cleanly
+def maintenance_show(event_id: str, as_json: bool = typer.Option(False, "--json")):
+    e = ControllerClient().get(f"/v1/maintenance/{event_id}")
+    if as_json:
+        emit_json(e)
+        return
+    out.print(render.events_table([e]))
+    out.print(render.event_log(e))
+
+
+@maintenance_app.command("cancel")
+@fails_cleanly
+def maintenance_cancel(event_id: str):
+    e = ControllerClient().post(f"/v1/maintenance/{event_id}/cancel", {})
+    out.print(f"maintenance event {e['id']}: {e['state']}")
+
+
+@app.command("manifest")
+@fails_cleanly
+def manifest_status(as_json: bool = typer.Option(False, "--json")):
+    """The fleet manifest in force, and the error of the last rejected one."""
+    emit_json(ControllerClient().get("/v1/manifest"))
 
 
 # ---- migrations -----------------------------------------------------------------------------

@@ -90,3 +90,23 @@ def stats_table(m: dict) -> Table:
         text = mib(v) if unit == "bytes" else f"{v:,.3f} {unit}".strip() if isinstance(v, float) else f"{v:,} {unit}".strip()
         t.add_row(label, text)
     return t
+
+
+def events_table(events: list[dict]) -> Table:
+    t = Table(title="maintenance events")
+    for col in ("id", "source", "urgency", "state", "hosts", "reason", "created", "finished"):
+        t.add_column(col)
+    for e in events:
+        hosts = " ".join(f"{h}:{e['progress'].get(h, '?')}" for h in e["hosts"])
+        t.add_row(e["id"], e["source"], e["urgency"], e["state"], hosts, e["reason"][:60],
+                  clock(e["created_at"]), clock(e.get("finished_at")))
+    return t
+
+
+def event_log(e: dict) -> Table:
+    t = Table(title=f"event {e['id']} log")
+    t.add_column("at")
+    t.add_column("what")
+    for at, text in e.get("log", []):
+        t.add_row(clock(at), text)
+    return t

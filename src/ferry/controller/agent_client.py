@@ -79,6 +79,18 @@ class AgentClient:
         reply = await self._call("GET", f"/v1/vms/{name}/page-digests", timeout=300)
         return base64.b64decode(reply["digests"])
 
+    async def set_maintenance_event(self, name: str, value: str, upcoming: dict | None = None) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/maintenance-event", json={"value": value, "upcoming": upcoming})
+
+    async def shutdown_vm(self, name: str) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/shutdown", timeout=90)
+
+    async def apply_maintenance(self, versions: dict[str, str]) -> dict:
+        return await self._call("POST", "/v1/maintenance/apply", json={"versions": versions}, timeout=600)
+
+    async def inject_signal(self, body: dict) -> dict:
+        return await self._call("POST", "/v1/health/inject", json=body)
+
     async def close(self) -> None:
         await self._http.aclose()
 

@@ -8,8 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from ferry.controller.maintenance import MaintenanceEngine
 from ferry.controller.service import Controller
-from ferry.model import FerryError
+from ferry.model import EventSource, FerryError, InvalidInput, Urgency
 
 
 class HostBody(BaseModel):
@@ -24,6 +25,7 @@ class VmBody(BaseModel):
     vcpus: int = 1
     workload: str = "idle"
     host: str | None = None
+    on_host_maintenance: str = Field("migrate", pattern="^(migrate|terminate)$")
 
 
 class MigrationBody(BaseModel):
@@ -32,11 +34,24 @@ class MigrationBody(BaseModel):
     verify_memory: bool = False
 
 
-def create_app(controller: Controller) -> FastAPI:
+class MaintenanceBody(BaseModel):
+    hosts: list[str] = Field(min_length=1)
+    at: float | None = Field(None, description="not before this time (seconds since the epoch)")
+    reason: str = "scheduled by operator"
+
+
+class SignalBody(BaseModel):
+    ecc: int | None = Field(None, ge=0)
+    disk: str | None = Field(None, pattern="^(PASSED|FAILED|FAILING)$")
+
+
+def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await controller.recover()
+        engine.start()
         yield
+        await engine.stop()
         await controller.close()
 
     app = FastAPI(title="ferry controller", lifespan=lifespan)
@@ -74,7 +89,8 @@ def create_app(controller: Controller) -> FastAPI:
 
     @app.post("/v1/vms", status_code=201)
     async def create_vm(body: VmBody):
-        inst = await controller.create_vm(body.name, body.memory_mib, body.vcpus, body.workload, body.host)
+        inst = await controller.create_vm(body.name, body.memory_mib, body.vcpus, body.workload, body.host,
+                                          body.on_host_maintenance)
         return inst.to_dict()
 
     @app.get("/v1/vms/{name}")
@@ -97,6 +113,46 @@ def create_app(controller: Controller) -> FastAPI:
     @app.get("/v1/migrations/{migration_id}")
     async def show_migration(migration_id: str):
         return controller.migration(migration_id).to_dict()
+
+    @app.post("/v1/hosts/{name}/drain", status_code=201)
+    async def drain_host(name: str):
+        controller.host(name)
+        return engine.new_event(EventSource.OPERATOR, [name], "drain by operator", Urgency.PLANNED,
+                                action="drain").to_dict()
+
+    @app.post("/v1/hosts/{name}/undrain")
+    async def undrain_host(name: str):
+        await engine.undrain(name)
+        return controller.host(name).to_dict()
+
+    @app.post("/v1/hosts/{name}/signal")
+    async def signal_host(name: str, body: SignalBody):
+        if body.ecc is None and body.disk is None:
+            raise InvalidInput("a signal needs ecc=N and/or disk=PASSED|FAILED")
+        reply = await controller.agent_for(name).inject_signal(body.model_dump())
+        engine.wake()
+        return reply
+
+    @app.get("/v1/maintenance")
+    async def list_maintenance():
+        return [e.to_dict() for e in controller.store.list_events()]
+
+    @app.post("/v1/maintenance", status_code=201)
+    async def schedule_maintenance(body: MaintenanceBody):
+        return engine.new_event(EventSource.OPERATOR, body.hosts, body.reason, Urgency.PLANNED,
+                                not_before=body.at or 0.0).to_dict()
+
+    @app.get("/v1/maintenance/{event_id}")
+    async def show_maintenance(event_id: str):
+        return engine.event(event_id).to_dict()
+
+    @app.post("/v1/maintenance/{event_id}/cancel")
+    async def cancel_maintenance(event_id: str):
+        return (await engine.cancel(event_id)).to_dict()
+
+    @app.get("/v1/manifest")
+    async def manifest():
+        return engine.status()
 
     return app
 

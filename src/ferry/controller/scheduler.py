@@ -1,7 +1,7 @@
 """Target choice: pure functions over hosts, instances and migrations in flight."""
 from __future__ import annotations
 
-from ferry.model import Host, HostState, Instance, InstanceSpec, Migration, NoCapacity
+from ferry.model import Host, HostState, Instance, InstanceSpec, InstanceState, Migration, NoCapacity
 
 
 def memory_in_use(hosts: list[Host], instances: list[Instance], migrations: list[Migration]) -> dict[str, int]:
@@ -9,7 +9,7 @@ def memory_in_use(hosts: list[Host], instances: list[Instance], migrations: list
     by_name = {i.name: i for i in instances}
     used = {h.name: 0 for h in hosts}
     for inst in instances:
-        if inst.host in used:
+        if inst.host in used and inst.state is not InstanceState.STOPPED:
             used[inst.host] += inst.spec.memory_mib
     for m in migrations:
         if not m.done and m.target in used and m.vm in by_name:

@@ -88,9 +88,9 @@ class Controller:
         return inst
 
     async def create_vm(self, name: str, memory_mib: int, vcpus: int, workload: str | None,
-                        host: str | None = None) -> Instance:
+                        host: str | None = None, on_host_maintenance: str = "migrate") -> Instance:
         validate_name(name, "VM name")
-        spec = InstanceSpec(memory_mib, vcpus, parse_workload(workload))
+        spec = InstanceSpec(memory_mib, vcpus, parse_workload(workload), on_host_maintenance)
         validate_spec(spec)
         async with self._lock:
             if self.store.get_instance(name):
@@ -117,13 +117,36 @@ class Controller:
         self.store.put_instance(inst)
         return inst
 
+    async def restart_vm(self, name: str) -> Instance:
+        """Boot a stopped VM again on its host (after maintenance, like GCE's automatic restart)."""
+        async with self._lock:
+            inst = self.instance(name)
+            if inst.state is not InstanceState.STOPPED:
+                raise Conflict(f"VM {name!r} is {inst.state.value}, not stopped")
+            check_fits(inst.spec, self.host(inst.host), self._usage(), name)
+            inst.state = InstanceState.CREATING
+            self.store.put_instance(inst)
+        try:
+            await self.agent_for(inst.host).create_vm(
+                {"name": name, "ip": inst.ip, "mac": inst.mac, "memory_mib": inst.spec.memory_mib,
+                 "vcpus": inst.spec.vcpus, "workload": str(inst.spec.workload)})
+            inst.state = InstanceState.RUNNING
+        except Exception as exc:  # noqa: BLE001
+            inst.state, inst.error = InstanceState.STOPPED, f"restart failed: {exc}"
+        self.store.put_instance(inst)
+        return inst
+
     async def delete_vm(self, name: str) -> None:
         async with self._lock:
             inst = self.instance(name)
             if inst.state is InstanceState.MIGRATING:
                 raise Conflict(f"VM {name!r} is migrating; wait for its migration to end")
+            was_stopped = inst.state is InstanceState.STOPPED
             inst.state = InstanceState.STOPPED
             self.store.put_instance(inst)
+        if was_stopped:
+            self.store.delete_instance(name)
+            return
         try:
             await self.agent_for(inst.host).delete_vm(name)
         except AgentError as exc:
@@ -134,18 +157,20 @@ class Controller:
     async def vm_detail(self, name: str) -> dict:
         inst = self.instance(name)
         detail = inst.to_dict()
+        detail["migration_ids"] = [m.id for m in self.store.list_migrations(vm=name)]
+        if inst.state is InstanceState.STOPPED:
+            return detail
         agent = self.agent_for(inst.host)
         try:
             detail["agent"] = await agent.vm_status(name)
             detail["guest"] = await agent.guest_status(name)
         except AgentError as exc:
             detail["agent_error"] = str(exc)
-        detail["migration_ids"] = [m.id for m in self.store.list_migrations(vm=name)]
         return detail
 
     # ---- migrations ------------------------------------------------------------------------
     async def start_migration(self, vm: str, target: str | None, verify_memory: bool = False,
-                              reason: str = "operator") -> Migration:
+                              reason: str = "operator", notified_at: float | None = None) -> Migration:
         async with self._lock:
             inst = self.instance(vm)
             if inst.state is not InstanceState.RUNNING:
@@ -161,6 +186,8 @@ class Controller:
             now = time.time()
             m = Migration(id=uuid.uuid4().hex[:12], vm=vm, source=inst.host, target=chosen.name,
                           verify_memory=verify_memory, reason=reason, created_at=now)
+            if notified_at is not None:
+                m.enter(Phase.NOTIFIED, notified_at)   # the guest was told before anything was reserved
             m.enter(Phase.PENDING, now)
             inst.state = InstanceState.MIGRATING
             with self.store.transaction():   # reservation on the target and the VM's state, together

@@ -22,6 +22,8 @@ class LabConfig:
     host_vcpus: int = 4
     accel: str = "tcg"
     hosts_per_rack: int = 2
+    notice_period_s: float = float(os.environ.get("FERRY_LAB_NOTICE_S", "3"))
+    controller_settings: str = ""          # extra TOML for the controller's config file (tests)
 
     def host_names(self) -> list[str]:
         return [f"host-{i}" for i in range(1, self.hosts + 1)]
@@ -40,5 +42,20 @@ class LabConfig:
     def controller_listen(self) -> str:
         return self.controller.removeprefix("http://").rstrip("/")
 
+    @property
+    def manifest_file(self) -> Path:
+        return self.state_dir / "manifest.toml"
+
+    def group(self, index: int) -> str:
+        return "blue" if index <= (self.hosts + 1) // 2 else "green"
+
     def labels(self, index: int) -> dict[str, str]:
-        return {"rack": f"rack-{(index - 1) // self.hosts_per_rack + 1}", "zone": "lab-a"}
+        return {"rack": f"rack-{(index - 1) // self.hosts_per_rack + 1}", "zone": "lab-a", "group": self.group(index)}
+
+    def initial_manifest(self) -> str:
+        groups = sorted({self.group(i) for i in range(1, self.hosts + 1)})
+        return "".join(f'[groups.{g}]\nbios = "1.0"\nhypervisor = "7.2.22"\n\n' for g in groups)
+
+    def controller_config(self) -> str:
+        return (f"[controller]\ntick_s = 0.5\n\n[planner]\nnotice_period_s = {self.notice_period_s}\n"
+                f"{self.controller_settings}\n")

@@ -124,19 +124,24 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
         versions = host_dir / "versions.json"
         host_dir.mkdir(parents=True)
         versions.write_text(json.dumps({"bios": "1.0", "hypervisor": "7.2.22"}))
+        (host_dir / "smart").write_text("PASSED\n")
         argv = ["ip", "netns", "exec", layout.host_ns(host), *ferry_argv(
             "agent", "--name", host, "--listen", f"unix:{cfg.agent_socket(host)}",
             "--underlay-ip", layout.host_underlay_ip(index), "--memory", str(cfg.host_memory_mib),
             "--vcpus", str(cfg.host_vcpus), "--state-dir", str(host_dir), "--accel", cfg.accel,
             "--fabric", f"lab:{layout.fabric_ns()}", "--versions-file", str(versions),
+            "--edac-dir", str(host_dir / "edac"), "--smart-file", str(host_dir / "smart"), "--lab-signals",
             *[f"--label={k}={v}" for k, v in cfg.labels(index).items()])]
         pid = spawn(argv, host_dir / "agent.log")
         lab["hosts"].append({"name": host, "netns": layout.host_ns(host), "pid": pid, "argv": argv,
                              "underlay_ip": layout.host_underlay_ip(index),
                              "agent_url": f"unix:{cfg.agent_socket(host)}", "labels": cfg.labels(index)})
     ctl_log = cfg.state_dir / "controller.log"
-    ctl_pid = spawn(ferry_argv("controller", "--listen", cfg.controller_listen,
-                               "--db", str(cfg.state_dir / "ferry.db")), ctl_log)
+    cfg.manifest_file.write_text(cfg.initial_manifest())
+    ctl_config = cfg.state_dir / "controller.toml"
+    ctl_config.write_text(cfg.controller_config())
+    ctl_pid = spawn(ferry_argv("controller", "--listen", cfg.controller_listen, "--db", str(cfg.state_dir / "ferry.db"),
+                               "--config", str(ctl_config), "--manifest", str(cfg.manifest_file)), ctl_log)
     lab["controller"] = {"pid": ctl_pid, "url": cfg.controller}
     cfg.lab_file.write_text(json.dumps(lab, indent=1))
     for h in lab["hosts"]:

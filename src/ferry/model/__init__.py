@@ -7,6 +7,8 @@ from ferry.model.workload import Workload, parse_workload
 from ferry.model.host import Host, HostState
 from ferry.model.instance import Instance, InstanceSpec, InstanceState, validate_name
 from ferry.model.migration import Migration, MigrationStats, Phase, TERMINAL_PHASES
+from ferry.model.maintenance import (EventSource, EventState, HostProgress, MaintenanceEvent, Urgency,
+                                     OPEN_STATES)
 
 __all__ = [
     "FerryError", "NotFound", "Conflict", "InvalidInput", "NoCapacity",
@@ -14,4 +16,5 @@ __all__ = [
     "Host", "HostState",
     "Instance", "InstanceSpec", "InstanceState", "validate_name",
     "Migration", "MigrationStats", "Phase", "TERMINAL_PHASES",
+    "EventSource", "EventState", "HostProgress", "MaintenanceEvent", "Urgency", "OPEN_STATES",
 ]

@@ -32,13 +32,16 @@ class InstanceSpec:
     memory_mib: int = 512
     vcpus: int = 1
     workload: Workload = field(default_factory=Workload)
+    on_host_maintenance: str = "migrate"   # GCE's scheduling option: "migrate" or "terminate"
 
     def to_dict(self) -> dict:
-        return {"memory_mib": self.memory_mib, "vcpus": self.vcpus, "workload": str(self.workload)}
+        return {"memory_mib": self.memory_mib, "vcpus": self.vcpus, "workload": str(self.workload),
+                "on_host_maintenance": self.on_host_maintenance}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InstanceSpec":
-        return cls(int(d["memory_mib"]), int(d["vcpus"]), parse_workload(d.get("workload")))
+        return cls(int(d["memory_mib"]), int(d["vcpus"]), parse_workload(d.get("workload")),
+                   d.get("on_host_maintenance", "migrate"))
 
 
 @dataclass
@@ -72,3 +75,5 @@ def validate_spec(spec: InstanceSpec) -> None:
     if not 1 <= spec.vcpus <= 64:
         raise InvalidInput(f"vcpus {spec.vcpus} out of range (1..64)")
     validate_workload_fits(spec.workload, spec.memory_mib)
+    if spec.on_host_maintenance not in ("migrate", "terminate"):
+        raise InvalidInput(f"on_host_maintenance must be migrate or terminate, not {spec.on_host_maintenance!r}")

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ferry.model import Host, Instance, Migration
+from ferry.model import Host, Instance, MaintenanceEvent, Migration
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS instances (name TEXT PRIMARY KEY, host TEXT, doc TEXT
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY, vm TEXT NOT NULL, phase TEXT NOT NULL, created_at REAL NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS migrations_vm ON migrations (vm);
+CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, created_at REAL NOT NULL, doc TEXT NOT NULL);
 """
 
 
@@ -101,3 +102,15 @@ class SqliteStore:
         else:
             docs = self._read("SELECT doc FROM migrations WHERE vm = ? ORDER BY created_at", (vm,))
         return [Migration.from_dict(json.loads(d)) for d in docs]
+
+    # maintenance events
+    def put_event(self, event: MaintenanceEvent) -> None:
+        self._write("INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
+                    (event.id, event.created_at, json.dumps(event.to_dict())))
+
+    def get_event(self, event_id: str) -> MaintenanceEvent | None:
+        rows = self._read("SELECT doc FROM events WHERE id = ?", (event_id,))
+        return MaintenanceEvent.from_dict(json.loads(rows[0])) if rows else None
+
+    def list_events(self) -> list[MaintenanceEvent]:
+        return [MaintenanceEvent.from_dict(json.loads(d)) for d in self._read("SELECT doc FROM events ORDER BY created_at")]
