@@ -71,7 +71,6 @@ MAINTENANCE_VALUES = ("NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_
 PREFIX = "/computeMetadata/v1/"
 UPCOMING_PATH = PREFIX + "instance/upcoming-maintenance"
 SERVER = "Metadata Server for VM"
-FLAVOR = ("Metadata-Flavor", "Google")
 MAX_WAIT_S = 3600.0          # a wait_for_change without timeout_sec ends after this
 HEAD_TIMEOUT_S = 10.0        # the request line and headers must arrive within this
 MAX_HEADERS = 64
@@ -481,16 +480,19 @@ class _Endpoint:
                 return
             victim.cancel()
             self.tasks.pop(victim, None)
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks[task] = False
-
+        # The work runs in a task of its own: cancelling it (remove_vm, stop) ends this
+        # callback normally, which asyncio's stream machinery expects.
         def client_closed() -> None:
             if task in self.tasks:
                 self.tasks[task] = True
 
+        task = asyncio.ensure_future(serve_connection(self.state, reader, writer, client_closed))
+        self.tasks[task] = False
         try:
-            await serve_connection(self.state, reader, writer, client_closed)
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
         finally:
             self.tasks.pop(task, None)
 
@@ -554,14 +556,19 @@ class MetadataService:
         when the tap changed or was re-created (new ifindex). A bind failure is logged and
         raised (the VM is still recorded, so a later add_vm retries)."""
         validate_ifname(tap)
+        vm_id = str(vm_id)
+        if not (0 < len(vm_id) <= 64 and vm_id.isprintable() and not any(c.isspace() for c in vm_id)):
+            raise ValueError(f"invalid VM id {vm_id!r}")
+        if not (0 < len(name) <= 253 and name.isprintable()):
+            raise ValueError(f"invalid VM name {name!r}")
         async with self._get_lock():
             ep = self._vms.get(name)
             hostname = f"{name}.{self.domain}" if self.domain else name
             if ep is None:
-                ep = _Endpoint(VmState(Snapshot(name=name, vm_id=str(vm_id), hostname=hostname)), tap)
+                ep = _Endpoint(VmState(Snapshot(name=name, vm_id=vm_id, hostname=hostname)), tap)
                 self._vms[name] = ep
             else:
-                ep.state.update(vm_id=str(vm_id), hostname=hostname)
+                ep.state.update(vm_id=vm_id, hostname=hostname)
                 if ep.tap != tap or ep.ifindex != _ifindex(tap):
                     await ep.close()
                     ep.tap = tap
@@ -638,7 +645,7 @@ async def _serve_stdin(args: argparse.Namespace) -> None:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line or line.strip() == "quit":
                 break
-            cmd, *rest = line.split(None, 3) or [""]
+            cmd, *rest = line.strip().split(None, 3) or [""]
             try:
                 if cmd == "add" and len(rest) == 3:
                     await svc.add_vm(rest[0], rest[1], rest[2])

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 MEMLOAD_ERROR = re.compile(r"MEMLOAD ERROR")
 
 
+def guest_cmdline(name: str, ip: str, spec: InstanceSpec) -> str:
+    """The kernel command line of every guest this agent launches (pti=on included, see image.py)."""
+    memload = spec.workload.kind == "memload"
+    return kernel_cmdline(
+        name, ip, GATEWAY_IP,
+        memload_size_mib=spec.workload.memload_size(spec.memory_mib) if memload else None,
+        memload_rate_mib_s=spec.workload.rate_mib_s if memload else None)
+
+
 @dataclass
 class VmRecord:
     name: str
@@ -121,14 +130,10 @@ class VmManager:
                 raise NoCapacity(
                     f"host {self.settings.name} has {free} MiB free, VM {name!r} needs {spec.memory_mib} MiB")
             image = self.image()
-            memload = spec.workload.kind == "memload"
             launch = LaunchSpec(
                 name=name, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                 kernel=str(image.kernel), initrd=str(image.initrd),
-                cmdline=kernel_cmdline(
-                    name, ip, GATEWAY_IP,
-                    memload_size_mib=spec.workload.memload_size(spec.memory_mib) if memload else None,
-                    memload_rate_mib_s=spec.workload.rate_mib_s if memload else None),
+                cmdline=guest_cmdline(name, ip, spec),
                 mac=mac, tap=tap_name(name), run_dir=str(self.settings.vms_dir / name),
                 accel=self.settings.accel, incoming=incoming, start_paused=start_paused,
             )

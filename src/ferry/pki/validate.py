@@ -116,7 +116,7 @@ def _check_purpose(cert: x509.Certificate, path: Path, purpose: Purpose) -> None
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return  # no EKU = any purpose
-    if _PURPOSE_OID[purpose] not in eku and x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+    if _PURPOSE_OID[purpose] not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
         raise PkiError(f"certificate {path} may not be used as a TLS {purpose} "
                        f"(its extendedKeyUsage lacks {purpose}Auth); issue it as a host or controller")
 

@@ -40,6 +40,8 @@ NET_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_mod
                "virtio_pci", "failover", "net_failover", "virtio_net")
 REQUIRED_MODULES = ("virtio", "virtio_pci", "virtio_net")  # must be a module or built in
 MEMLOAD_CFLAGS = ("-O2", "-static", "-fno-tree-vectorize", "-Wall")
+# Top-level guest/ files that go into the initramfs (and into the rebuild hash).
+GUEST_SCRIPTS = ("init", "maintenance-watcher")
 
 Log = Callable[[str], object]
 
@@ -300,7 +302,8 @@ def _decompress(path: Path) -> bytes:
 
 def _guest_files() -> list[Path]:
     return sorted(p for p in GUEST_SRC.rglob("*") if p.is_file()
-                  and (p.name == "init" or p.parts[len(GUEST_SRC.parts)] == "www"))
+                  and ((p.parent == GUEST_SRC and p.name in GUEST_SCRIPTS)
+                       or p.parts[len(GUEST_SRC.parts)] == "www"))
 
 
 def _inputs_digest(vmlinuz: Path, memload: Path, modules: list[Path]) -> str:
@@ -379,6 +382,7 @@ def _initramfs(memload: Path, modules: list[Path]) -> bytes:
             c.symlink(applet, "/bin/busybox")
     c.file("bin/memload", memload.read_bytes(), 0o755)
     c.file("init", (GUEST_SRC / "init").read_bytes(), 0o755)
+    c.file("bin/maintenance-watcher", (GUEST_SRC / "maintenance-watcher").read_bytes(), 0o755)
     c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     c.file("etc/group", b"root:x:0:\n")
     for m in modules:
