@@ -62,9 +62,10 @@ class Lab:
         raise AssertionError(f"memload in {name} made no {passes} full passes within {timeout_s} s")
 
 
-def make_lab(tmp: Path, prefix: str, port: int, hosts: int, host_memory: int) -> Lab:
+def make_lab(tmp: Path, prefix: str, port: int, hosts: int, host_memory: int, notice_s: float = 1.0,
+             planner: str = "") -> Lab:
     cfg = LabConfig(prefix=prefix, state_dir=tmp / "lab", controller=f"http://127.0.0.1:{port}",
-                    hosts=hosts, host_memory_mib=host_memory)
+                    hosts=hosts, host_memory_mib=host_memory, notice_period_s=notice_s, controller_settings=planner)
     up(cfg, log=lambda m: None)
     return Lab(cfg, ControllerClient(cfg.controller))
 

@@ -22,6 +22,7 @@ class AgentSettings:
     smart_file: Path | None = None     # a file holding the disk's SMART overall-health result
     lab_signals: bool = False          # the lab may inject health signals and rewrite versions
     maintenance_hook: str | None = None  # command run by /v1/maintenance/apply on a real host
+    metadata: str = "169.254.169.254:80"  # the guests' metadata server ("off": none)
 
     @property
     def vms_dir(self) -> Path:

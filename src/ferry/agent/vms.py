@@ -7,6 +7,7 @@ agent; on start the agent re-attaches to every VM whose QEMU still runs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,8 @@ from ferry.model import Conflict, InvalidInput, NoCapacity, NotFound
 from ferry.model.instance import InstanceSpec
 from ferry.net.addressing import GATEWAY_IP, tap_name
 from ferry.net.fabric import fabric_from_spec
-from ferry.net.vmnet import create_vm_tap, delete_vm_tap
+from ferry.net.vmnet import create_vm_tap, delete_vm_tap, ensure_metadata_address
+from ferry.agent.metadata import MetadataService
 from ferry.qemu import memcheck
 from ferry.qemu.image import GuestImage, find_image, kernel_cmdline
 from ferry.qemu.launch import LaunchSpec, read_pid, start_qemu, stop_qemu
@@ -31,6 +33,11 @@ from ferry.qemu.session import QmpSession
 
 log = logging.getLogger(__name__)
 MEMLOAD_ERROR = re.compile(r"MEMLOAD ERROR")
+
+
+def vm_id(name: str) -> int:
+    """A stable numeric instance id, as GCE's metadata server reports one."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big")
 
 
 def guest_cmdline(name: str, ip: str, spec: InstanceSpec) -> str:
@@ -72,7 +79,7 @@ class VmManager:
         self.fabric = fabric_from_spec(settings.fabric)
         self.vms: dict[str, HostVm] = {}
         self.maintenance_events: dict[str, tuple[str, dict | None]] = {}   # vm -> (value, upcoming)
-        self.metadata = None      # the guest metadata service, when the agent runs one
+        self.metadata: MetadataService | None = None   # the guests' GCE-compatible metadata server
         self._create_lock = asyncio.Lock()   # capacity is checked and taken under it
 
     # ---- helpers -------------------------------------------------------------------------
@@ -102,8 +109,23 @@ class VmManager:
         tmp.replace(path)
 
     # ---- start-up --------------------------------------------------------------------------
+    async def start_metadata(self) -> None:
+        if self.settings.metadata == "off":
+            return
+        ip, _, port = self.settings.metadata.rpartition(":")
+        await asyncio.to_thread(ensure_metadata_address)
+        self.metadata = MetadataService(ip, int(port))
+        await self.metadata.start()
+
+    async def _serve_metadata(self, record: "VmRecord") -> None:
+        if self.metadata is not None and record.launch.get("tap"):
+            await self.metadata.add_vm(record.name, record.launch["tap"], vm_id(record.name))
+            value, upcoming = self.maintenance_events.get(record.name, ("NONE", None))
+            self.metadata.set_maintenance_event(record.name, value, upcoming)
+
     async def restore(self) -> None:
         """Re-attach to the VMs whose QEMU survived an agent restart; clean up the rest."""
+        await self.start_metadata()
         if not self.settings.vms_dir.exists():
             return
         for path in sorted(self.settings.vms_dir.glob("*/vm.json")):
@@ -117,6 +139,7 @@ class VmManager:
             qmp = QmpSession(record.name, spec.qmp_socket)
             await qmp.connect()
             self.vms[record.name] = HostVm(record, qmp, pid)
+            await self._serve_metadata(record)
             log.info("re-attached to VM %s (pid %d)", record.name, pid)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -144,6 +167,7 @@ class VmManager:
             self.vms[name] = HostVm(record, QmpSession(name, launch.qmp_socket), 0)
         try:
             await asyncio.to_thread(create_vm_tap, launch.tap, ip)
+            await self._serve_metadata(record)
             pid = await start_qemu(launch, self.settings.qemu_binary)
             qmp = QmpSession(name, launch.qmp_socket)
             await qmp.connect()
@@ -244,6 +268,10 @@ class VmManager:
 
     async def _cleanup_files(self, record: VmRecord) -> None:
         launch = record.launch_spec
+        self.maintenance_events.pop(record.name, None)
+        if self.metadata is not None:
+            await self.metadata.remove_vm(record.name)
+        self._archive_console(launch)
         if launch.tap:
             await asyncio.to_thread(delete_vm_tap, launch.tap)
         # Withdraw only removes the route if it still points here (never the target's).
@@ -253,6 +281,8 @@ class VmManager:
     async def close(self) -> None:
         for vm in self.vms.values():
             await vm.qmp.close()
+        if self.metadata is not None:
+            await self.metadata.stop()
 
     async def set_maintenance_event(self, name: str, value: str, upcoming: dict | None) -> dict:
         """What the guest's metadata server says about host maintenance (GCE semantics)."""
@@ -261,6 +291,14 @@ class VmManager:
         if self.metadata is not None:
             self.metadata.set_maintenance_event(name, value, upcoming)
         return {"name": name, "maintenance_event": value, "set_at": time.time()}
+
+    def _archive_console(self, launch: LaunchSpec) -> None:
+        """Keep a deleted VM's serial console (memload errors, maintenance notices) for post-mortems."""
+        console = Path(launch.console_log)
+        if console.exists():
+            archive = self.settings.state_dir / "console-archive"
+            archive.mkdir(parents=True, exist_ok=True)
+            console.replace(archive / f"{launch.name}.{time.time():.3f}.log")
 
     async def shutdown(self, name: str, grace_s: float = 15.0) -> dict:
         """Ask the guest to power off (ACPI), then end QEMU if it has not within the grace period."""

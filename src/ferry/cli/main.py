@@ -66,7 +66,8 @@ def agent(name: str = typer.Option(..., help="host name"),
           edac_dir: Path = typer.Option(Path("/sys/devices/system/edac"), help="EDAC counters (mc*/ce_count)"),
           smart_file: Optional[Path] = typer.Option(None, help="file with the disk's SMART health result"),
           lab_signals: bool = typer.Option(False, help="lab host: allow injected health signals"),
-          maintenance_hook: Optional[str] = typer.Option(None, help="command the maintenance action runs")):
+          maintenance_hook: Optional[str] = typer.Option(None, help="command the maintenance action runs"),
+          metadata: str = typer.Option("169.254.169.254:80", help="guest metadata server address, or off")):
     """Run a host agent."""
     from ferry.agent.main import run_agent
     from ferry.agent.settings import AgentSettings
@@ -75,7 +76,7 @@ def agent(name: str = typer.Option(..., help="host name"),
                             state_dir=state_dir, image_dir=image_dir, accel=accel, fabric=fabric,
                             labels=labels, versions_file=versions_file, edac_dir=edac_dir,
                             smart_file=smart_file, lab_signals=lab_signals,
-                            maintenance_hook=maintenance_hook), listen)
+                            maintenance_hook=maintenance_hook, metadata=metadata), listen)
 
 
 @app.command()

@@ -116,7 +116,7 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
 
     @app.post("/v1/hosts/{name}/drain", status_code=201)
     async def drain_host(name: str):
-        controller.host(name)
+        engine.check_drainable(name)
         return engine.new_event(EventSource.OPERATOR, [name], "drain by operator", Urgency.PLANNED,
                                 action="drain").to_dict()
 
@@ -139,6 +139,9 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
 
     @app.post("/v1/maintenance", status_code=201)
     async def schedule_maintenance(body: MaintenanceBody):
+        if body.at is None:
+            for name in body.hosts:
+                engine.check_drainable(name)
         return engine.new_event(EventSource.OPERATOR, body.hosts, body.reason, Urgency.PLANNED,
                                 not_before=body.at or 0.0).to_dict()
 

@@ -181,6 +181,18 @@ class MaintenanceEngine:
         return event
 
     # ---- operator actions --------------------------------------------------------------------
+    def check_drainable(self, host_name: str) -> None:
+        """Refuse at once a drain that could not place every VM (nothing is recorded)."""
+        from ferry.controller.planner import evacuation_problem
+        host = self.ctl.host(host_name)
+        if host.state is not HostState.ACTIVE:
+            raise Conflict(f"host {host_name} is already {host.state.value}")
+        view = self.view()
+        leaving = {h.name for h in view.hosts if h.state is not HostState.ACTIVE} | {host_name}
+        problem = evacuation_problem(host, view, leaving, self.config.planner)
+        if problem:
+            raise Conflict(f"cannot drain {host_name}: {problem}")
+
     def event(self, event_id: str) -> MaintenanceEvent:
         e = self.store.get_event(event_id)
         if e is None:
