@@ -11,8 +11,8 @@ from ferry.net.fabric import LabFabric
 
 pytestmark = pytest.mark.e2e
 
-EXPECTED_PHASES = ["pending", "target-ready", "connected", "precopy", "blackout", "verifying",
-                   "postmigration", "completed"]
+EXPECTED_PHASES = ["pending", "target-ready", "connected", "precopy", "blackout", "forwarding", "verifying",
+                   "postmigration", "fabric-updated", "source-cleanup", "completed"]
 
 
 def underlay(lab, host: str) -> str:

@@ -17,7 +17,7 @@ from ferry.agent.health import inject, read_health
 from ferry.agent.inventory import cpu_model, qemu_version, software_versions
 from ferry.agent.settings import AgentSettings
 from ferry.agent.vms import VmManager
-from ferry.model import Conflict, FerryError, InstanceSpec, parse_workload
+from ferry.model import Conflict, FerryError, InstanceSpec, InvalidInput, parse_workload
 from ferry.qemu.migration import MigrationSettings
 
 
@@ -48,11 +48,17 @@ class SignalBody(BaseModel):
     disk: str | None = Field(None, pattern="^(PASSED|FAILED|FAILING)$")
 
 
+class ForwardingBody(BaseModel):
+    action: str = Field(pattern="^(accept|start|stop|stop-accepting)$")
+    peer_underlay: str | None = None
+
+
 class MigrateBody(BaseModel):
     uri: str
     max_bandwidth_mib_s: int = Field(1024, gt=0)
     downtime_limit_ms: int = Field(50, gt=0)
     capabilities: dict[str, bool] = Field(default_factory=lambda: {"events": True})
+    forward_to: str | None = None
 
 
 def create_app(settings: AgentSettings) -> FastAPI:
@@ -130,7 +136,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
     @app.post("/v1/vms/{name}/migrate")
     async def migrate(name: str, body: MigrateBody):
         settings_ = MigrationSettings(body.max_bandwidth_mib_s, body.downtime_limit_ms, body.capabilities)
-        return await manager.start_migration(name, body.uri, settings_)
+        return await manager.start_migration(name, body.uri, settings_, body.forward_to)
 
     @app.get("/v1/vms/{name}/migration")
     async def migration(name: str, since: float = 0.0):
@@ -147,6 +153,16 @@ def create_app(settings: AgentSettings) -> FastAPI:
     @app.post("/v1/vms/{name}/activate")
     async def activate(name: str):
         return await manager.activate(name)
+
+    @app.get("/v1/vms/{name}/route")
+    async def route(name: str):
+        return await manager.route(name)
+
+    @app.post("/v1/vms/{name}/forwarding")
+    async def forwarding_(name: str, body: ForwardingBody):
+        if body.action in ("accept", "start") and not body.peer_underlay:
+            raise InvalidInput(f"forwarding {body.action} needs peer_underlay")
+        return await manager.forwarding(name, body.action, body.peer_underlay)
 
     @app.get("/v1/vms/{name}/page-digests")
     async def page_digests(name: str):

@@ -22,7 +22,10 @@ from ferry.agent.settings import AgentSettings
 from ferry.model import Conflict, InvalidInput, NoCapacity, NotFound
 from ferry.model.instance import InstanceSpec
 from ferry.net.addressing import GATEWAY_IP, tap_name
+from ferry.net import forwarding
 from ferry.net.fabric import fabric_from_spec
+from ferry.net.garp import send_garp
+from ferry.net import ipcmd
 from ferry.net.vmnet import create_vm_tap, delete_vm_tap, ensure_metadata_address
 from ferry.agent.metadata import MetadataService
 from ferry.qemu import memcheck
@@ -33,6 +36,10 @@ from ferry.qemu.session import QmpSession
 
 log = logging.getLogger(__name__)
 MEMLOAD_ERROR = re.compile(r"MEMLOAD ERROR")
+
+
+def create_route_to_tap(ip: str, tap: str) -> None:
+    ipcmd.ip("route", "replace", f"{ip}/32", "dev", tap)
 
 
 def vm_id(name: str) -> int:
@@ -70,6 +77,9 @@ class HostVm:
         self.qmp = qmp
         self.pid = pid
         self.migration_started_at: float | None = None
+        self.announce_task: asyncio.Task | None = None
+        self.forward_task: asyncio.Task | None = None
+        self.forwarding_started_at: float | None = None
         self.lock = asyncio.Lock()
 
 
@@ -166,7 +176,7 @@ class VmManager:
             # Placeholder so a concurrent create of the same name or capacity check sees it.
             self.vms[name] = HostVm(record, QmpSession(name, launch.qmp_socket), 0)
         try:
-            await asyncio.to_thread(create_vm_tap, launch.tap, ip)
+            await asyncio.to_thread(lambda: create_vm_tap(launch.tap, ip, vm_mac=mac))
             await self._serve_metadata(record)
             pid = await start_qemu(launch, self.settings.qemu_binary)
             qmp = QmpSession(name, launch.qmp_socket)
@@ -200,12 +210,26 @@ class VmManager:
             raise
         return {"uri": f"tcp:{self.settings.underlay_ip}:{port}", "pid": vm.pid}
 
-    async def start_migration(self, name: str, uri: str, settings: MigrationSettings) -> dict:
+    async def start_migration(self, name: str, uri: str, settings: MigrationSettings,
+                              forward_to: str | None = None) -> dict:
+        """Start sending. With `forward_to` (the target's underlay address), the VM's packets are
+        tunnelled there the moment the stream completes, not when a controller notices."""
         vm = self.get(name)
         await apply_settings(vm.qmp, settings)
-        vm.migration_started_at = time.time()
+        vm.migration_started_at = started = time.time()
+        vm.forwarding_started_at = None
         await vm.qmp.execute("migrate", {"uri": uri})
-        return {"started_at": vm.migration_started_at}
+        if forward_to:
+            vm.forward_task = asyncio.create_task(self._forward_on_completion(vm, started, forward_to))
+        return {"started_at": started}
+
+    async def _forward_on_completion(self, vm: HostVm, since: float, peer: str) -> None:
+        event = await vm.qmp.wait_for(
+            lambda e: e.name == "MIGRATION" and e.at >= since and e.data.get("status") in ("completed", "failed", "cancelled"),
+            timeout_s=24 * 3600)
+        if event.data.get("status") == "completed":
+            await asyncio.to_thread(forwarding.start_forwarding, vm.record.ip, self.settings.underlay_ip, peer)
+            vm.forwarding_started_at = time.time()
 
     async def migration_status(self, name: str, since: float = 0.0) -> dict:
         vm = self.get(name)
@@ -220,11 +244,17 @@ class VmManager:
             "stop_at": stop.at if stop else None,
             "resume_at": resume.at if resume else None,
             "runstate": await self.runstate(vm),
+            "forwarding_started_at": vm.forwarding_started_at,
         }
 
     async def cancel_migration(self, name: str) -> dict:
         """Roll back on the source: stop sending and make sure the guest runs here."""
         vm = self.get(name)
+        if vm.forward_task is not None:
+            vm.forward_task.cancel()
+        if vm.forwarding_started_at is not None:
+            await self.forwarding(name, "stop", None)
+            vm.forwarding_started_at = None
         await vm.qmp.execute("migrate_cancel")
         for _ in range(100):
             s = await sample(vm.qmp)
@@ -250,16 +280,51 @@ class VmManager:
         return await memcheck.page_digests(vm.qmp, vm.record.spec["memory_mib"], vm.record.launch["run_dir"])
 
     async def activate(self, name: str) -> dict:
-        """After switchover: this host now owns the VM; route its address here."""
+        """After switchover: this host now owns the VM. Announce it to the guest's neighbours
+        (QEMU's announce-self, and a gratuitous ARP for the gateway) and to the fabric, which
+        takes its propagation delay to route the address here (in the background)."""
         vm = self.get(name)
         vm.record.role = "booted"
         self._save(vm.record)
-        await asyncio.to_thread(self.fabric.announce, vm.record.ip, self.settings.underlay_ip)
-        return self.describe(vm)
+        try:
+            await vm.qmp.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
+            await asyncio.to_thread(send_garp, vm.record.launch["tap"])
+        except Exception as exc:  # noqa: BLE001 - announcements are an optimisation
+            log.warning("announcements for %s failed: %s", name, exc)
+        vm.announce_task = asyncio.create_task(
+            self.fabric.announce_delayed(vm.record.ip, self.settings.underlay_ip))
+        return self.describe(vm) | {"fabric_delay_s": self.fabric.propagation_delay_s}
+
+    async def route(self, name: str) -> dict:
+        """Whether the fabric already routes the VM's address to this host."""
+        vm = self.get(name)
+        via = await asyncio.to_thread(self.fabric.lookup, vm.record.ip)
+        return {"vm": name, "fabric_via": via, "here": via == self.settings.underlay_ip}
+
+    async def forwarding(self, name: str, action: str, peer_underlay: str | None) -> dict:
+        """Post-migration forwarding over VXLAN: the target accepts, the source forwards."""
+        vm = self.get(name)
+        ip, local = vm.record.ip, self.settings.underlay_ip
+        if action == "accept":
+            handle = await asyncio.to_thread(forwarding.accept_forwarding, ip, local, peer_underlay)
+            return handle.to_dict()
+        if action == "start":
+            handle = await asyncio.to_thread(forwarding.start_forwarding, ip, local, peer_underlay)
+            return handle.to_dict()
+        counters = await asyncio.to_thread(forwarding.forwarding_counters, ip)
+        if action == "stop-accepting":
+            return {"removed": await asyncio.to_thread(forwarding.stop_accepting, ip), "counters": counters}
+        removed = await asyncio.to_thread(forwarding.stop_forwarding, ip)
+        # The VM's packets go back to its tap here: what a rollback needs; harmless before a delete.
+        await asyncio.to_thread(create_route_to_tap, ip, vm.record.launch["tap"])
+        return {"removed": removed, "counters": counters}
 
     async def delete(self, name: str) -> None:
         vm = self.get(name)
         async with vm.lock:
+            for task in (vm.announce_task, vm.forward_task):
+                if task is not None:
+                    task.cancel()
             await vm.qmp.close()
             if vm.pid:
                 await stop_qemu(vm.pid, name)
@@ -274,6 +339,7 @@ class VmManager:
         self._archive_console(launch)
         if launch.tap:
             await asyncio.to_thread(delete_vm_tap, launch.tap)
+        await asyncio.to_thread(forwarding.stop_accepting, record.ip)
         # Withdraw only removes the route if it still points here (never the target's).
         await asyncio.to_thread(self.fabric.withdraw, record.ip, self.settings.underlay_ip)
         shutil.rmtree(launch.run_dir, ignore_errors=True)

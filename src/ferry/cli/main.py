@@ -161,6 +161,21 @@ def lab_http(vm: str, path: str = typer.Option("/cgi-bin/status")):
     sys.stdout.write(result.stdout + ("\n" if not result.stdout.endswith("\n") else ""))
 
 
+@app.command("probe")
+@fails_cleanly
+def probe(vm: str, duration: float = typer.Option(10.0, min=1, max=300, help="seconds"),
+          as_json: bool = typer.Option(False, "--json")):
+    """Lab: from the client namespace, hold an echo connection (a line every 10 ms) and send short
+    HTTP requests to VM; report the longest gap, failed requests, and whether the connection survived."""
+    from ferry.lab.traffic import collect, run_probe_in_client
+    ip = ControllerClient().get(f"/v1/vms/{vm}")["ip"]
+    report = collect(run_probe_in_client(_lab_config().prefix, ip, duration))
+    if as_json:
+        emit_json(report)
+    else:
+        out.print_json(data=report)
+
+
 # ---- hosts ----------------------------------------------------------------------------------
 @host_app.command("list")
 @fails_cleanly

@@ -75,6 +75,13 @@ class AgentClient:
     async def activate(self, name: str) -> dict:
         return await self._call("POST", f"/v1/vms/{name}/activate")
 
+    async def route(self, name: str) -> dict:
+        return await self._call("GET", f"/v1/vms/{name}/route")
+
+    async def forwarding(self, name: str, action: str, peer_underlay: str | None = None) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/forwarding",
+                                json={"action": action, "peer_underlay": peer_underlay})
+
     async def page_digests(self, name: str) -> bytes:
         reply = await self._call("GET", f"/v1/vms/{name}/page-digests", timeout=300)
         return base64.b64decode(reply["digests"])

@@ -49,18 +49,30 @@ class Migrator:
         spec = inst.spec
         target_made = False
         completed_on_source = False
+        forwarding = False
         try:
             body = {"name": inst.name, "ip": inst.ip, "mac": inst.mac, "memory_mib": spec.memory_mib,
                     "vcpus": spec.vcpus, "workload": str(spec.workload), "start_paused": m.verify_memory}
             incoming = await dst.prepare_incoming(body)
             target_made = True
+            if self.policy.forwarding:
+                # Ready before switchover, so the source can forward from the first packet on.
+                await dst.forwarding(m.vm, "accept", self.store.get_host(m.source).underlay_ip)
             self._enter(m, Phase.TARGET_READY)
-            started = await src.migrate(m.vm, {"uri": incoming["uri"], **self.policy.agent_settings()})
+            forward_to = self.store.get_host(m.target).underlay_ip if self.policy.forwarding else None
+            started = await src.migrate(m.vm, {"uri": incoming["uri"], "forward_to": forward_to,
+                                               **self.policy.agent_settings()})
             t0 = started["started_at"]
             self._enter(m, Phase.CONNECTED, t0)
             final = await self._monitor(m, src, t0, spec.memory_mib)
             completed_on_source = True
             self._record_stream_stats(m, final)
+            if self.policy.forwarding:
+                # The source agent tunnels the VM's packets to the target the moment the stream
+                # completes (they queue on the target's tap until it runs).
+                forwarding = True
+                at = await self._wait_forwarding(src, m.vm, t0)
+                self._enter(m, Phase.FORWARDING, at)
             if m.verify_memory:
                 await self._verify(m, src, dst)
                 await dst.resume(m.vm)
@@ -68,6 +80,11 @@ class Migrator:
         except Exception as exc:  # noqa: BLE001 - every failure must end in a rollback
             aborted = isinstance(exc, MigrationAborted)
             reason = str(exc) or exc.__class__.__name__
+            if forwarding:
+                try:
+                    await src.forwarding(m.vm, "stop")     # the source's tap gets its route back
+                except Exception as exc:  # noqa: BLE001
+                    reason += f"; stopping forwarding failed: {exc}"
             await self._roll_back(m, src, dst if target_made else None, completed_on_source,
                                   Phase.ABORTED if aborted else Phase.FAILED, reason)
             return m
@@ -79,16 +96,32 @@ class Migrator:
         inst.host, inst.state, inst.migrations = m.target, InstanceState.RUNNING, inst.migrations + 1
         self.store.put_instance(inst)
         try:
-            await dst.activate(m.vm)          # the fabric routes the VM's address to the target
-            await src.delete_vm(m.vm)
+            await self._post_migration(m, src, dst)
         except Exception as exc:  # noqa: BLE001 - the VM runs on the target; cleanup can be retried
-            m.error = f"switchover done, but cleanup on the source failed: {exc}"
+            m.error = f"switchover done, but the post-migration steps failed: {exc}"
             log.warning("migration %s: %s", m.id, m.error)
         self._enter(m, Phase.COMPLETED)
         self._finish_stats(m)
         m.finished_at = self.clock()
         self.store.put_migration(m)
         return m
+
+    async def _post_migration(self, m: Migration, src: AgentClient, dst: AgentClient) -> None:
+        """Post-migration brownout: the source forwards the VM's packets until the fabric has caught up."""
+        await dst.activate(m.vm)
+        deadline = self.clock() + self.policy.fabric_timeout_s
+        while not (await dst.route(m.vm))["here"]:
+            if self.clock() > deadline:
+                raise MigrationFailed(f"the fabric did not route {m.vm} to {m.target} within {self.policy.fabric_timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+        self._enter(m, Phase.FABRIC_UPDATED)
+        if self.policy.forwarding:
+            await asyncio.sleep(self.policy.forwarding_grace_s)
+            stopped = await src.forwarding(m.vm, "stop")
+            m.stats.forwarded_packets = ((stopped.get("counters") or {}).get("tx_packets"))
+            await dst.forwarding(m.vm, "stop-accepting")
+        self._enter(m, Phase.SOURCE_CLEANUP)
+        await src.delete_vm(m.vm)
 
     async def _monitor(self, m: Migration, src: AgentClient, t0: float, memory_mib: int) -> dict:
         progress = Progress(started=self.clock())
@@ -129,6 +162,15 @@ class Migrator:
             raise MigrationFailed(
                 f"memory verification failed: {len(diff)} of {m.stats.pages_compared} guest pages differ"
                 f" between source and target (first: {', '.join(hex(p * 4096) for p in diff[:5])})")
+
+    async def _wait_forwarding(self, src: AgentClient, vm: str, t0: float, timeout_s: float = 10.0) -> float:
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            st = await src.migration_status(vm, t0 - 0.05)
+            if st.get("forwarding_started_at"):
+                return st["forwarding_started_at"]
+            await asyncio.sleep(0.02)
+        raise MigrationFailed(f"the source did not start forwarding within {timeout_s:.0f} s")
 
     async def _wait_resume(self, dst: AgentClient, vm: str, t0: float, timeout_s: float = 30.0) -> float:
         deadline = self.clock() + timeout_s
@@ -182,10 +224,13 @@ class Migrator:
 
     def _finish_stats(self, m: Migration) -> None:
         precopy, blackout = m.entered_at(Phase.PRECOPY), m.entered_at(Phase.BLACKOUT)
-        post, done = m.entered_at(Phase.POSTMIGRATION), m.entered_at(Phase.COMPLETED)
+        post, cleanup = m.entered_at(Phase.POSTMIGRATION), m.entered_at(Phase.SOURCE_CLEANUP)
+        fabric = m.entered_at(Phase.FABRIC_UPDATED)
         if precopy and blackout:
             m.stats.precopy_s = round(blackout - precopy, 3)
-        if post and done:
-            m.stats.postmigration_s = round(done - post, 3)
+        if post and cleanup:
+            m.stats.postmigration_s = round(cleanup - post, 3)
+        if post and fabric:
+            m.stats.fabric_update_s = round(fabric - post, 3)
         end = m.timeline[-1][1] if m.timeline else self.clock()
         m.stats.total_s = round(end - m.created_at, 3)

@@ -24,6 +24,8 @@ class LabConfig:
     hosts_per_rack: int = 2
     notice_period_s: float = float(os.environ.get("FERRY_LAB_NOTICE_S", "3"))
     controller_settings: str = ""          # extra TOML for the controller's config file (tests)
+    fabric_delay_s: float = float(os.environ.get("FERRY_LAB_FABRIC_DELAY_S", "2"))  # route propagation
+    migration_settings: str = ""           # extra TOML for the controller's [migration] section
 
     def host_names(self) -> list[str]:
         return [f"host-{i}" for i in range(1, self.hosts + 1)]
@@ -58,4 +60,4 @@ class LabConfig:
 
     def controller_config(self) -> str:
         return (f"[controller]\ntick_s = 0.5\n\n[planner]\nnotice_period_s = {self.notice_period_s}\n"
-                f"{self.controller_settings}\n")
+                f"{self.controller_settings}\n[migration]\n{self.migration_settings}\n")

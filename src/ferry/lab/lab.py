@@ -129,7 +129,7 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
             "agent", "--name", host, "--listen", f"unix:{cfg.agent_socket(host)}",
             "--underlay-ip", layout.host_underlay_ip(index), "--memory", str(cfg.host_memory_mib),
             "--vcpus", str(cfg.host_vcpus), "--state-dir", str(host_dir), "--accel", cfg.accel,
-            "--fabric", f"lab:{layout.fabric_ns()}", "--versions-file", str(versions),
+            "--fabric", f"lab:{layout.fabric_ns()}?delay={cfg.fabric_delay_s}", "--versions-file", str(versions),
             "--edac-dir", str(host_dir / "edac"), "--smart-file", str(host_dir / "smart"), "--lab-signals",
             *[f"--label={k}={v}" for k, v in cfg.labels(index).items()])]
         pid = spawn(argv, host_dir / "agent.log")

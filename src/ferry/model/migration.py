@@ -20,7 +20,10 @@ class Phase(str, Enum):
     BLACKOUT = "blackout"
     POSTCOPY = "postcopy"
     VERIFYING = "verifying"
-    POSTMIGRATION = "postmigration"
+    POSTMIGRATION = "postmigration"      # the VM runs on the target; the source still supports it
+    FORWARDING = "forwarding"            # the source tunnels the VM's packets to the target
+    FABRIC_UPDATED = "fabric-updated"    # the fabric routes the VM's address to the target
+    SOURCE_CLEANUP = "source-cleanup"    # forwarding removed: end of post-migration brownout
     COMPLETED = "completed"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -37,7 +40,9 @@ class MigrationStats:
     blackout_ms: float | None = None         # source STOP event -> target RESUME event
     qemu_downtime_ms: float | None = None    # QEMU's own figure, beside ours
     verify_ms: float | None = None           # memory comparison inside blackout (verification mode only)
-    postmigration_s: float | None = None     # target RESUME -> source VM deleted
+    postmigration_s: float | None = None     # post-migration brownout: target RESUME -> forwarding removed
+    fabric_update_s: float | None = None     # target RESUME -> the fabric routes the VM to the target
+    forwarded_packets: int | None = None     # packets the source tunnelled to the target meanwhile
     total_s: float | None = None
     bytes_transferred: int | None = None
     ram_total_bytes: int | None = None

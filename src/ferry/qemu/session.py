@@ -83,6 +83,16 @@ class QmpSession:
             await asyncio.wait_for(self._changed.wait_for(found), timeout_s)
         return found()  # type: ignore[return-value]
 
+    async def wait_for(self, predicate, timeout_s: float = 30.0) -> VmEvent:
+        """The first recorded event satisfying `predicate`, waiting for it if needed."""
+
+        def found() -> VmEvent | None:
+            return next((e for e in self.events if predicate(e)), None)
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(found), timeout_s)
+        return found()  # type: ignore[return-value]
+
     def last_event(self, name: str) -> VmEvent | None:
         return next((e for e in reversed(self.events) if e.name == name), None)
 
