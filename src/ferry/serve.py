@@ -18,6 +18,6 @@ def uvicorn_bind(listen: str) -> dict:
     return {"host": host or "127.0.0.1", "port": int(port)}
 
 
-def serve(app, listen: str) -> None:
+def serve(app, listen: str, ssl_kwargs: dict | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, log_level="warning", **uvicorn_bind(listen))
+    uvicorn.run(app, log_level="warning", **uvicorn_bind(listen), **(ssl_kwargs or {}))

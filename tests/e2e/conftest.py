@@ -64,7 +64,8 @@ class Lab:
 
 def make_lab(tmp: Path, prefix: str, port: int, hosts: int, host_memory: int, notice_s: float = 1.0,
              planner: str = "", migration: str = "") -> Lab:
-    cfg = LabConfig(prefix=prefix, state_dir=tmp / "lab", controller=f"http://127.0.0.1:{port}",
+    # A fixed folder per prefix, so that a run killed half-way is cleared by the next `lab up`.
+    cfg = LabConfig(prefix=prefix, state_dir=Path("/tmp/ferry-e2e") / prefix, controller=f"http://127.0.0.1:{port}",
                     hosts=hosts, host_memory_mib=host_memory, notice_period_s=notice_s, controller_settings=planner,
                     migration_settings=migration)
     up(cfg, log=lambda m: None)

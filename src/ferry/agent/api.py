@@ -29,6 +29,7 @@ class VmBody(BaseModel):
     vcpus: int = Field(gt=0)
     workload: str = "idle"
     start_paused: bool = False
+    source_dn: str | None = None      # incoming only: the TLS identity the stream must come from
 
     def spec(self) -> InstanceSpec:
         return InstanceSpec(self.memory_mib, self.vcpus, parse_workload(self.workload))
@@ -59,6 +60,15 @@ class MigrateBody(BaseModel):
     downtime_limit_ms: int = Field(50, gt=0)
     capabilities: dict[str, bool] = Field(default_factory=lambda: {"events": True})
     forward_to: str | None = None
+    tls_hostname: str | None = None
+
+
+def tls_dn(settings: AgentSettings) -> str | None:
+    """This host's identity as QEMU's tls-authz on a migration target must name it."""
+    if settings.pki_dir is None:
+        return None
+    from ferry.pki import dn_for
+    return dn_for(settings.qemu_tls_dir / "client-cert.pem")
 
 
 def create_app(settings: AgentSettings) -> FastAPI:
@@ -96,6 +106,7 @@ def create_app(settings: AgentSettings) -> FastAPI:
             "versions": software_versions(settings.versions_file, settings.qemu_binary),
             "labels": settings.labels,
             "health": read_health(settings.edac_dir, settings.smart_file),
+            "tls_dn": tls_dn(settings),
             "vms": sorted(manager.vms),
             "reported_at": time.time(),
         }
@@ -131,12 +142,13 @@ def create_app(settings: AgentSettings) -> FastAPI:
 
     @app.post("/v1/incoming", status_code=201)
     async def incoming(body: VmBody):
-        return await manager.prepare_incoming(body.name, body.ip, body.mac, body.spec(), body.start_paused)
+        return await manager.prepare_incoming(body.name, body.ip, body.mac, body.spec(), body.start_paused,
+                                              body.source_dn)
 
     @app.post("/v1/vms/{name}/migrate")
     async def migrate(name: str, body: MigrateBody):
         settings_ = MigrationSettings(body.max_bandwidth_mib_s, body.downtime_limit_ms, body.capabilities)
-        return await manager.start_migration(name, body.uri, settings_, body.forward_to)
+        return await manager.start_migration(name, body.uri, settings_, body.forward_to, body.tls_hostname)
 
     @app.get("/v1/vms/{name}/migration")
     async def migration(name: str, since: float = 0.0):

@@ -23,6 +23,11 @@ class AgentSettings:
     lab_signals: bool = False          # the lab may inject health signals and rewrite versions
     maintenance_hook: str | None = None  # command run by /v1/maintenance/apply on a real host
     metadata: str = "169.254.169.254:80"  # the guests' metadata server ("off": none)
+    pki_dir: Path | None = None           # fleet PKI: HTTPS with client certs, TLS migration streams
+
+    @property
+    def qemu_tls_dir(self) -> Path:
+        return self.state_dir / "qemu-tls"
 
     @property
     def vms_dir(self) -> Path:

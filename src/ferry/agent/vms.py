@@ -194,11 +194,43 @@ class VmManager:
         await asyncio.to_thread(self.fabric.announce, ip, self.settings.underlay_ip)
         return self.describe(vm)
 
+    async def _tls_objects(self, vm: HostVm, endpoint: str, peer_dn: str | None = None,
+                           hostname: str | None = None) -> None:
+        """QEMU TLS for one migration: this host's credentials and, on the target, the one
+        source allowed to connect (an authz-simple holding its DN). Removed by `_tls_cleanup`."""
+        if self.settings.pki_dir is None:
+            raise InvalidInput(f"host {self.settings.name} has no fleet PKI; it cannot use TLS migration")
+        await self._tls_cleanup(vm)
+        await vm.qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": "ferry-tls",
+                                            "dir": str(self.settings.qemu_tls_dir), "endpoint": endpoint,
+                                            "verify-peer": True})
+        params: dict = {"tls-creds": "ferry-tls"}
+        if peer_dn is not None:
+            await vm.qmp.execute("object-add", {"qom-type": "authz-simple", "id": "ferry-authz", "identity": peer_dn})
+            params["tls-authz"] = "ferry-authz"
+        if hostname is not None:
+            params["tls-hostname"] = hostname
+        await vm.qmp.execute("migrate-set-parameters", params)
+
+    async def _tls_cleanup(self, vm: HostVm) -> None:
+        try:
+            await vm.qmp.execute("migrate-set-parameters", {"tls-creds": "", "tls-authz": "", "tls-hostname": ""})
+        except Exception:  # noqa: BLE001 - nothing set yet
+            pass
+        for obj in ("ferry-authz", "ferry-tls"):
+            try:
+                await vm.qmp.execute("object-del", {"id": obj})
+            except Exception:  # noqa: BLE001 - not there
+                pass
+
     async def prepare_incoming(self, name: str, ip: str, mac: str, spec: InstanceSpec,
-                               start_paused: bool) -> dict:
-        """An empty target VM waiting for a migration stream on this host's underlay address."""
+                               start_paused: bool, source_dn: str | None = None) -> dict:
+        """An empty target VM waiting for a migration stream on this host's underlay address.
+        With `source_dn`, the stream must be TLS from exactly that source host."""
         vm = await self._launch(name, ip, mac, spec, incoming=True, start_paused=start_paused)
         try:
+            if source_dn is not None:
+                await self._tls_objects(vm, "server", peer_dn=source_dn)
             await vm.qmp.execute("migrate-set-capabilities",
                                  {"capabilities": [{"capability": "events", "state": True}]})
             await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.settings.underlay_ip}:0"})
@@ -211,11 +243,16 @@ class VmManager:
         return {"uri": f"tcp:{self.settings.underlay_ip}:{port}", "pid": vm.pid}
 
     async def start_migration(self, name: str, uri: str, settings: MigrationSettings,
-                              forward_to: str | None = None) -> dict:
+                              forward_to: str | None = None, tls_hostname: str | None = None) -> dict:
         """Start sending. With `forward_to` (the target's underlay address), the VM's packets are
-        tunnelled there the moment the stream completes, not when a controller notices."""
+        tunnelled there the moment the stream completes, not when a controller notices. With
+        `tls_hostname`, the stream is TLS and the target must present that host's certificate."""
         vm = self.get(name)
         await apply_settings(vm.qmp, settings)
+        if tls_hostname is not None:
+            await self._tls_objects(vm, "client", hostname=tls_hostname)
+        else:
+            await self._tls_cleanup(vm)
         vm.migration_started_at = started = time.time()
         vm.forwarding_started_at = None
         await vm.qmp.execute("migrate", {"uri": uri})
@@ -261,6 +298,7 @@ class VmManager:
             if s.status not in ("cancelling", "active", "setup", "device", "pre-switchover"):
                 break
             await asyncio.sleep(0.05)
+        await self._tls_cleanup(vm)
         return await self.resume(name)
 
     async def resume(self, name: str) -> dict:
@@ -286,6 +324,7 @@ class VmManager:
         vm = self.get(name)
         vm.record.role = "booted"
         self._save(vm.record)
+        await self._tls_cleanup(vm)
         try:
             await vm.qmp.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
             await asyncio.to_thread(send_garp, vm.record.launch["tap"])

@@ -37,10 +37,11 @@ def fails_cleanly(fn):
     def wrapper(*args, **kwargs):
         from ferry.lab.lab import LabError
         from ferry.net.errors import NetError
+        from ferry.pki import PkiError
         from ferry.qemu.image import ImageBuildError
         try:
             return fn(*args, **kwargs)
-        except (ApiError, FerryError, LabError, NetError, ImageBuildError) as exc:
+        except (ApiError, FerryError, LabError, NetError, ImageBuildError, PkiError) as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
     return wrapper
@@ -52,6 +53,7 @@ def emit_json(data) -> None:
 
 # ---- servers --------------------------------------------------------------------------------
 @app.command()
+@fails_cleanly
 def agent(name: str = typer.Option(..., help="host name"),
           listen: str = typer.Option("127.0.0.1:8700", help="HOST:PORT or unix:/path"),
           underlay_ip: str = typer.Option(..., help="address migration streams arrive at"),
@@ -67,7 +69,8 @@ def agent(name: str = typer.Option(..., help="host name"),
           smart_file: Optional[Path] = typer.Option(None, help="file with the disk's SMART health result"),
           lab_signals: bool = typer.Option(False, help="lab host: allow injected health signals"),
           maintenance_hook: Optional[str] = typer.Option(None, help="command the maintenance action runs"),
-          metadata: str = typer.Option("169.254.169.254:80", help="guest metadata server address, or off")):
+          metadata: str = typer.Option("169.254.169.254:80", help="guest metadata server address, or off"),
+          pki_dir: Optional[Path] = typer.Option(None, help="fleet PKI folder: HTTPS with client certs, TLS migration")):
     """Run a host agent."""
     from ferry.agent.main import run_agent
     from ferry.agent.settings import AgentSettings
@@ -76,18 +79,56 @@ def agent(name: str = typer.Option(..., help="host name"),
                             state_dir=state_dir, image_dir=image_dir, accel=accel, fabric=fabric,
                             labels=labels, versions_file=versions_file, edac_dir=edac_dir,
                             smart_file=smart_file, lab_signals=lab_signals,
-                            maintenance_hook=maintenance_hook, metadata=metadata), listen)
+                            maintenance_hook=maintenance_hook, metadata=metadata, pki_dir=pki_dir), listen)
 
 
 @app.command()
+@fails_cleanly
 def controller(listen: str = typer.Option("127.0.0.1:8787"),
                db: Path = typer.Option(Path("/var/lib/ferry/ferry.db"), help="SQLite file"),
                config: Optional[Path] = typer.Option(None, help="TOML: [planner], [health], [migration]"),
-               manifest: Optional[Path] = typer.Option(None, help="fleet manifest (TOML), watched for changes")):
+               manifest: Optional[Path] = typer.Option(None, help="fleet manifest (TOML), watched for changes"),
+               pki_dir: Optional[Path] = typer.Option(None, help="fleet PKI folder: mutual TLS to agents and streams")):
     """Run the controller."""
     from ferry.controller.config import load_config
     from ferry.controller.main import run_controller
-    run_controller(db, listen, load_config(config, manifest))
+    run_controller(db, listen, load_config(config, manifest, pki_dir))
+
+
+# ---- pki ------------------------------------------------------------------------------------
+pki_app = typer.Typer(help="The fleet PKI: a CA and certificates for hosts, the controller and clients.",
+                      no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+PKI_DIR = typer.Option(Path("/etc/ferry/pki"), "--dir", help="PKI folder")
+
+
+@pki_app.command("init")
+@fails_cleanly
+def pki_init_cmd(pki_dir: Path = PKI_DIR, fleet: str = typer.Option("ferry"), force: bool = typer.Option(False)):
+    """Make the fleet CA."""
+    from ferry.pki.cli import pki_init
+    paths = pki_init(pki_dir, fleet, force)
+    out.print(f"fleet CA {fleet}: {paths.cert}")
+
+
+@pki_app.command("issue")
+@fails_cleanly
+def pki_issue_cmd(name: str, pki_dir: Path = PKI_DIR,
+                  kind: str = typer.Option("host", help="host, controller or client"),
+                  san: list[str] = typer.Option([], help="extra subject names (IP or DNS), repeatable")):
+    """Issue a key and certificate naming NAME (keys are written 0600)."""
+    from ferry.pki.cli import pki_issue
+    paths = pki_issue(pki_dir, name, kind, san)
+    out.print(f"{kind} {name}: {paths.cert} {paths.key}")
+
+
+@pki_app.command("check")
+@fails_cleanly
+def pki_check_cmd(name: str, pki_dir: Path = PKI_DIR, kind: Optional[str] = typer.Option(None)):
+    """Validate an identity as an agent or controller would at start-up."""
+    from ferry.pki.cli import pki_check
+    ident = pki_check(pki_dir, name, kind)
+    out.print(f"{ident.kind} {ident.name}: {ident.subject}, valid until {ident.not_after}")
 
 
 # ---- image ----------------------------------------------------------------------------------

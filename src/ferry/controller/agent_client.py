@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import ssl
 
 import httpx
 
@@ -12,19 +13,21 @@ class AgentError(FerryError):
     status = 502
 
 
-def http_client(url: str, timeout: float = 30.0) -> httpx.AsyncClient:
-    """`unix:/path/agent.sock` or `http://host:port`."""
+def http_client(url: str, host: str, tls: ssl.SSLContext | None = None, timeout: float = 30.0) -> httpx.AsyncClient:
+    """`unix:/path/agent.sock` or `http(s)://host:port`. With a fleet TLS context the agent must
+    present the certificate of `host` (over a socket, the URL's host is what TLS checks)."""
     if url.startswith("unix:"):
-        transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"))
-        return httpx.AsyncClient(transport=transport, base_url="http://agent", timeout=timeout)
-    return httpx.AsyncClient(base_url=url, timeout=timeout)
+        transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"), verify=tls or True)
+        base = f"https://{host}" if tls else "http://agent"
+        return httpx.AsyncClient(transport=transport, base_url=base, timeout=timeout)
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(verify=tls or True), base_url=url, timeout=timeout)
 
 
 class AgentClient:
-    def __init__(self, host: str, url: str):
+    def __init__(self, host: str, url: str, tls: ssl.SSLContext | None = None):
         self.host = host
         self.url = url
-        self._http = http_client(url)
+        self._http = http_client(url, host, tls)
 
     async def _call(self, method: str, path: str, **kw) -> dict | list:
         try:
@@ -105,13 +108,14 @@ class AgentClient:
 class AgentPool:
     """One client per host, made on first use."""
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        self.tls = tls
         self._clients: dict[tuple[str, str], AgentClient] = {}
 
     def get(self, host: str, url: str) -> AgentClient:
         key = (host, url)
         if key not in self._clients:
-            self._clients[key] = AgentClient(host, url)
+            self._clients[key] = AgentClient(host, url, self.tls)
         return self._clients[key]
 
     async def close(self) -> None:

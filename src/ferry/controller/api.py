@@ -32,6 +32,7 @@ class MigrationBody(BaseModel):
     vm: str
     target: str | None = None
     verify_memory: bool = False
+    tls: bool | None = None          # default: the controller's migration policy
 
 
 class MaintenanceBody(BaseModel):
@@ -108,7 +109,7 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
 
     @app.post("/v1/migrations", status_code=201)
     async def start_migration(body: MigrationBody):
-        return (await controller.start_migration(body.vm, body.target, body.verify_memory)).to_dict()
+        return (await controller.start_migration(body.vm, body.target, body.verify_memory, tls=body.tls)).to_dict()
 
     @app.get("/v1/migrations/{migration_id}")
     async def show_migration(migration_id: str):

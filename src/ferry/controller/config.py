@@ -23,6 +23,7 @@ class ControllerConfig:
     health: HealthPolicy = field(default_factory=HealthPolicy)
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
     tick_s: float = 1.0                      # how often the reconciler looks at the fleet
+    pki_dir: Path | None = None              # fleet PKI: mutual TLS to agents and on migration streams
 
 
 def _section(cls, doc: dict, name: str):
@@ -36,7 +37,7 @@ def _section(cls, doc: dict, name: str):
     return cls(**values)
 
 
-def load_config(path: Path | None, manifest: Path | None = None) -> ControllerConfig:
+def load_config(path: Path | None, manifest: Path | None = None, pki_dir: Path | None = None) -> ControllerConfig:
     doc: dict = {}
     if path is not None:
         try:
@@ -53,4 +54,5 @@ def load_config(path: Path | None, manifest: Path | None = None) -> ControllerCo
         health=_section(HealthPolicy, doc, "health"),
         migration=_section(MigrationPolicy, doc, "migration"),
         tick_s=float(ctl.get("tick_s", 1.0)),
+        pki_dir=pki_dir or (Path(ctl["pki_dir"]) if "pki_dir" in ctl else None),
     )

@@ -32,11 +32,12 @@ class MigrationFailed(Exception):
 
 class Migrator:
     def __init__(self, store: Store, agent_for: Callable[[str], AgentClient], policy: MigrationPolicy,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, source_dn: Callable[[str], str] | None = None):
         self.store = store
         self.agent_for = agent_for
         self.policy = policy
         self.clock = clock
+        self.source_dn = source_dn     # host name -> the TLS identity a target must require of it
 
     def _enter(self, m: Migration, phase: Phase, at: float | None = None) -> None:
         m.enter(phase, at if at is not None else self.clock())
@@ -51,8 +52,14 @@ class Migrator:
         completed_on_source = False
         forwarding = False
         try:
+            source_dn = None
+            if m.tls:
+                if self.source_dn is None:
+                    raise MigrationAborted("TLS migration needs the controller to have the fleet PKI (--pki-dir)")
+                source_dn = self.source_dn(m.source)
             body = {"name": inst.name, "ip": inst.ip, "mac": inst.mac, "memory_mib": spec.memory_mib,
-                    "vcpus": spec.vcpus, "workload": str(spec.workload), "start_paused": m.verify_memory}
+                    "vcpus": spec.vcpus, "workload": str(spec.workload), "start_paused": m.verify_memory,
+                    "source_dn": source_dn}
             incoming = await dst.prepare_incoming(body)
             target_made = True
             if self.policy.forwarding:
@@ -61,6 +68,7 @@ class Migrator:
             self._enter(m, Phase.TARGET_READY)
             forward_to = self.store.get_host(m.target).underlay_ip if self.policy.forwarding else None
             started = await src.migrate(m.vm, {"uri": incoming["uri"], "forward_to": forward_to,
+                                               "tls_hostname": m.target if m.tls else None,
                                                **self.policy.agent_settings()})
             t0 = started["started_at"]
             self._enter(m, Phase.CONNECTED, t0)

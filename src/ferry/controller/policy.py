@@ -13,6 +13,7 @@ class MigrationPolicy:
     timeout_base_s: float = 30.0          # completion timeout = base + per_gib x guest GiB
     timeout_per_gib_s: float = 60.0
     no_progress_timeout_s: float = 30.0   # abort if `remaining` has not hit a new low for this long
+    tls: bool = True                      # migration streams use the fleet PKI (when the controller has one)
     forwarding: bool = True               # the source tunnels the VM's packets until the fabric has moved
     forwarding_grace_s: float = 0.5       # kept after the fabric has moved, for packets in flight
     fabric_timeout_s: float = 60.0        # longest wait for the fabric to route the VM to its target

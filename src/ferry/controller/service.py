@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
+from typing import Callable
 
 from ferry.controller.agent_client import AgentClient, AgentError, AgentPool
 from ferry.controller.migrator import Migrator
@@ -25,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, store: Store, policy: MigrationPolicy | None = None):
+    def __init__(self, store: Store, policy: MigrationPolicy | None = None, tls: ssl.SSLContext | None = None,
+                 source_dn: Callable[[str], str] | None = None):
         self.store = store
-        self.agents = AgentPool()
-        self.migrator = Migrator(store, self.agent_for, policy or MigrationPolicy())
+        self.agents = AgentPool(tls)
+        self.migrator = Migrator(store, self.agent_for, policy or MigrationPolicy(), source_dn=source_dn)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -170,7 +173,8 @@ class Controller:
 
     # ---- migrations ------------------------------------------------------------------------
     async def start_migration(self, vm: str, target: str | None, verify_memory: bool = False,
-                              reason: str = "operator", notified_at: float | None = None) -> Migration:
+                              reason: str = "operator", notified_at: float | None = None,
+                              tls: bool | None = None) -> Migration:
         async with self._lock:
             inst = self.instance(vm)
             if inst.state is not InstanceState.RUNNING:
@@ -185,7 +189,8 @@ class Controller:
                 check_fits(inst.spec, chosen, used, vm)
             now = time.time()
             m = Migration(id=uuid.uuid4().hex[:12], vm=vm, source=inst.host, target=chosen.name,
-                          verify_memory=verify_memory, reason=reason, created_at=now)
+                          verify_memory=verify_memory, reason=reason, created_at=now,
+                          tls=self.migrator.policy.tls if tls is None else tls)
             if notified_at is not None:
                 m.enter(Phase.NOTIFIED, notified_at)   # the guest was told before anything was reserved
             m.enter(Phase.PENDING, now)

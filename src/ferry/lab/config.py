@@ -45,6 +45,10 @@ class LabConfig:
         return self.controller.removeprefix("http://").rstrip("/")
 
     @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
     def manifest_file(self) -> Path:
         return self.state_dir / "manifest.toml"
 

@@ -114,8 +114,25 @@ def up(cfg: LabConfig, log: Callable[[str], None] = print) -> dict:
         raise
 
 
+def _agent_client(cfg: LabConfig, host: str) -> httpx.Client:
+    """What the controller does: mutual TLS over the agent's socket, expecting that host's certificate."""
+    from ferry.pki import client_context
+    ctx = client_context(cfg.pki_dir, "controller", "controller")
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(cfg.agent_socket(host)), verify=ctx),
+                        base_url=f"https://{host}")
+
+
+def _make_pki(cfg: LabConfig, layout: LabLayout, names: list[str]) -> None:
+    from ferry.pki import init_ca, issue
+    init_ca(cfg.pki_dir, fleet=cfg.prefix)
+    for index, host in enumerate(names, start=1):
+        issue(cfg.pki_dir, host, "host", sans=[layout.host_underlay_ip(index)])
+    issue(cfg.pki_dir, "controller", "controller")
+
+
 def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[str], None]) -> dict:
     names = cfg.host_names()
+    _make_pki(cfg, layout, names)
     net.create(names)
     log(f"network: fabric {layout.fabric_ns()}, client {layout.client_ns()}, hosts {', '.join(names)}")
     lab: dict = {"prefix": cfg.prefix, "created_at": time.time(), "hosts": [], "controller": {}}
@@ -131,6 +148,7 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
             "--vcpus", str(cfg.host_vcpus), "--state-dir", str(host_dir), "--accel", cfg.accel,
             "--fabric", f"lab:{layout.fabric_ns()}?delay={cfg.fabric_delay_s}", "--versions-file", str(versions),
             "--edac-dir", str(host_dir / "edac"), "--smart-file", str(host_dir / "smart"), "--lab-signals",
+            "--pki-dir", str(cfg.pki_dir),
             *[f"--label={k}={v}" for k, v in cfg.labels(index).items()])]
         pid = spawn(argv, host_dir / "agent.log")
         lab["hosts"].append({"name": host, "netns": layout.host_ns(host), "pid": pid, "argv": argv,
@@ -141,12 +159,12 @@ def _start(cfg: LabConfig, layout: LabLayout, net: LabNetwork, log: Callable[[st
     ctl_config = cfg.state_dir / "controller.toml"
     ctl_config.write_text(cfg.controller_config())
     ctl_pid = spawn(ferry_argv("controller", "--listen", cfg.controller_listen, "--db", str(cfg.state_dir / "ferry.db"),
-                               "--config", str(ctl_config), "--manifest", str(cfg.manifest_file)), ctl_log)
+                               "--config", str(ctl_config), "--manifest", str(cfg.manifest_file),
+                               "--pki-dir", str(cfg.pki_dir)), ctl_log)
     lab["controller"] = {"pid": ctl_pid, "url": cfg.controller}
     cfg.lab_file.write_text(json.dumps(lab, indent=1))
     for h in lab["hosts"]:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=h["agent_url"].removeprefix("unix:")),
-                          base_url="http://agent") as client:
+        with _agent_client(cfg, h["name"]) as client:
             _wait_http(client, f"agent of {h['name']}", cfg.host_dir(h["name"]) / "agent.log")
     with httpx.Client(base_url=cfg.controller) as client:
         _wait_http(client, "controller", ctl_log)
@@ -169,7 +187,6 @@ def restart_agent(cfg: LabConfig, host: str) -> int:
     terminate([entry["pid"]], _marker(cfg))
     entry["pid"] = spawn(entry["argv"], cfg.host_dir(host) / "agent.log")
     cfg.lab_file.write_text(json.dumps(lab, indent=1))
-    with httpx.Client(transport=httpx.HTTPTransport(uds=entry["agent_url"].removeprefix("unix:")),
-                      base_url="http://agent") as client:
+    with _agent_client(cfg, host) as client:
         _wait_http(client, f"agent of {host}", cfg.host_dir(host) / "agent.log")
     return entry["pid"]

@@ -70,6 +70,7 @@ class Migration:
     stats: MigrationStats = field(default_factory=MigrationStats)
     progress: dict = field(default_factory=dict)   # the latest query-migrate sample
     verify_memory: bool = False
+    tls: bool = False                    # mutual TLS on the stream, accepted only from the named source
     reason: str = "operator"
     error: str | None = None
     created_at: float = 0.0

@@ -81,3 +81,27 @@ def dn_for(cert_path: Path) -> str:
     form ``CN=host-1,O=ferry,C=XX`` is DENIED.
     """
     return qemu_dn(load_cert(Path(cert_path)).subject)
+
+
+def expected_dn(ca_cert: Path, host: str) -> str:
+    """The DN a fleet host's certificate carries, derived from the fleet CA and the host's name.
+
+    The controller names the source this way for the target's tls-authz, never from what
+    the source host reports about itself: a host cannot vouch for its own identity.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from ferry.pki._x509 import load_cert, qemu_dn
+
+    ca = load_cert(Path(ca_cert), "fleet CA certificate").subject
+
+    def attr(oid, default: str) -> str:
+        values = ca.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else default
+
+    return qemu_dn(x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, attr(NameOID.COUNTRY_NAME, "XX")),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, attr(NameOID.ORGANIZATION_NAME, "ferry")),
+        x509.NameAttribute(NameOID.COMMON_NAME, host),
+    ]))
