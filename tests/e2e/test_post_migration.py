@@ -7,9 +7,7 @@ blackout plus a little; without it, the gap grows with the fabric delay.
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -69,15 +67,3 @@ def test_forwarding_hides_the_fabric_delay_and_its_absence_does_not(labs, tmp_pa
         assert gap(report2) > 1000 * (FABRIC_DELAY_S - 0.5), report2["echo"]
     finally:
         down(plain.cfg, log=lambda m: None)
-    result = {
-        "fabric_delay_s": FABRIC_DELAY_S,
-        "with_forwarding": {"blackout_ms": s["blackout_ms"], "echo_longest_gap_ms": gap(report),
-                            "echo_survived": report["echo"]["survived"], "http_failed": report["http"]["failed"],
-                            "http_ok": report["http"]["ok"], "forwarded_packets": s["forwarded_packets"]},
-        "without_forwarding": {"blackout_ms": m2["stats"]["blackout_ms"], "echo_longest_gap_ms": gap(report2),
-                               "echo_survived": report2["echo"]["survived"], "http_failed": report2["http"]["failed"],
-                               "http_ok": report2["http"]["ok"]},
-    }
-    out = Path(__file__).resolve().parents[2] / "bench" / "results" / "forwarding" / "latest-test-run.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
