@@ -14,8 +14,8 @@ def resident(lab):
 
 
 def state(lab) -> tuple:
-    return (lab.ferry_json("vm", "list"), lab.ferry_json("migration", "list"),
-            [(h["name"], h["used_memory_mib"]) for h in lab.ferry_json("host", "list")])
+    return (lab.ferry_json("vm", "list"), lab.ferry_json("migration", "list"), lab.ferry_json("maintenance", "list"),
+            [(h["name"], h["state"], h["used_memory_mib"]) for h in lab.ferry_json("host", "list")])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -31,6 +31,13 @@ def state(lab) -> tuple:
     (["vm", "show", "ghost"], ["unknown VM"]),
     (["migration", "show", "nope"], ["unknown migration"]),
     (["lab", "up"], ["already running", "ferry lab down"]),
+    (["maintenance", "schedule", "host-9"], ["unknown host", "host-9"]),
+    (["maintenance", "schedule", "host-1", "--at", "tomorrow"], ["malformed time"]),
+    (["maintenance", "cancel", "nope"], ["unknown maintenance event"]),
+    (["host", "drain", "host-9"], ["unknown host", "host-9"]),
+    (["host", "signal", "host-1", "ecc=lots"], ["malformed signal"]),
+    (["host", "signal", "host-1", "fan=9"], ["malformed signal"]),
+    (["vm", "create", "odd", "--on-host-maintenance", "explode"], ["on_host_maintenance"]),
 ])
 def test_bad_input_gets_one_line_and_changes_nothing(lab, resident, args, words):
     before = state(lab)
