@@ -17,9 +17,11 @@ How each number is measured (see docs/convergence.md):
   the target's `completed` event comes after the point where an autostarting
   target would already resume, so this never understates it; the verification
   time in between is left out (it is reported separately).
-- For post-copy the target must run during post-copy, so we `cont` it the moment
-  its MIGRATION event says postcopy-active (`resume_target_on_postcopy`); the
-  blackout is source STOP -> target RESUME as is, including our reaction time.
+- For post-copy the target must run during post-copy, so ferry's arm sends `cont`
+  to the target together with `migrate-start-postcopy` (`resume_incoming_target`:
+  on a target still receiving, `cont` only sets autostart, so it starts exactly
+  like a target started without -S); the blackout is source STOP -> target RESUME
+  as recorded.
   Page digests cannot be compared afterwards (the guest has been writing on the
   target while the source stayed frozen), so memory is checked by memload inside
   the guest (every page verified before it is rewritten; one full pass is awaited),
@@ -44,7 +46,7 @@ from ferry.controller.convergence import (
     MIB, ActionKind, ConvergencePolicy, Sample, decide, hard_stop, plan, start,
 )
 from ferry.qemu.convergence import (
-    apply_action, cancel_and_resume, postcopy_blocktime, prepare, resume_target_on_postcopy,
+    apply_action, cancel_and_resume, postcopy_blocktime, prepare, resume_incoming_target,
     wait_migration_status,
 )
 from ferry.qemu.dirtyrate import measure_dirty_rate_detail
@@ -275,7 +277,8 @@ async def _compare_memory(src: Guest, dst: Guest, workdir: Path) -> dict:
 
 
 async def _finish_completed(r: RunResult, src: Guest, dst: Guest, t_mig: float, final, rate: int, size: int,
-                            workdir: Path, live_postcopy: bool, cont_task: asyncio.Task | None) -> None:
+                            workdir: Path, released: bool) -> None:
+    """`released`: we sent `cont` to the target during the migration (post-copy, live)."""
     r.qemu_downtime_ms = final.downtime_ms
     r.bytes_sent = final.transferred
     r.dirty_sync_count = final.dirty_sync_count
@@ -292,15 +295,15 @@ async def _finish_completed(r: RunResult, src: Guest, dst: Guest, t_mig: float, 
     if postcopy:
         bt = await postcopy_blocktime(dst.qmp)
         r.postcopy_blocktime_ms, r.postcopy_vcpu_blocktime_ms = bt["postcopy_blocktime_ms"], bt["vcpu_blocktime_ms"]
-    if postcopy and live_postcopy:
-        if cont_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(cont_task, 10)
+    if released:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await dst.qmp.wait_for_event("RESUME", after=t_mig - 0.01, timeout_s=10)
         resume_at = _event_at(dst.qmp, "RESUME", t_mig - 0.01)
-        r.blackout_method = "source STOP -> target RESUME (target resumed by us at postcopy-active)"
+        r.blackout_method = "source STOP -> target RESUME (target autostarted: cont sent with the post-copy switch)"
         if stop_at and resume_at:
             r.blackout_ms = r.blackout_raw_ms = round((resume_at - stop_at) * 1000, 2)
-        mem["digests"] = "n/a (post-copy: the guest ran on the target while the source stayed frozen)"
+        mem["digests"] = ("n/a (post-copy: the guest ran on the target while the source stayed frozen)" if postcopy
+                          else "n/a (pre-copy completed after the post-copy request; the target autostarted)")
     else:
         # both ends paused: compare memory, then resume the target
         mem.update(await _compare_memory(src, dst, workdir))
@@ -367,7 +370,7 @@ async def run_plain(src: Guest, dst: Guest, cap_bytes_s: int | None, limit_s: fl
             break
         await asyncio.sleep(interval_s)
     if final is not None and final.status == "completed":
-        await _finish_completed(r, src, dst, t_mig, final, rate, size, workdir, False, None)
+        await _finish_completed(r, src, dst, t_mig, final, rate, size, workdir, False)
         r.total_s = r.migration_s
         r.completed_in_limit = r.total_s is not None and r.total_s <= limit_s
         return r
@@ -377,7 +380,7 @@ async def run_plain(src: Guest, dst: Guest, cap_bytes_s: int | None, limit_s: fl
         r.error = f"not completed within {limit_s:.0f} s; cancelled"
         if rb["status"] == "completed":     # finished just as we cancelled
             fin = await sample(src.qmp)
-            await _finish_completed(r, src, dst, t_mig, fin, rate, size, workdir, False, None)
+            await _finish_completed(r, src, dst, t_mig, fin, rate, size, workdir, False)
             r.total_s = r.migration_s
             return r
     else:
@@ -418,9 +421,7 @@ async def run_ferry(src: Guest, dst: Guest, policy: ConvergencePolicy, cap_bytes
     t_mig = time.time()
     r.pre_s = round(t_mig - t_arm, 3)
     await src.qmp.execute("migrate", {"uri": uri})
-    cont_task = None
-    if policy.postcopy and live_postcopy:
-        cont_task = asyncio.create_task(resume_target_on_postcopy(dst.qmp, t_mig - 0.01, limit_s + 120))
+    released = False
     final = None
     last = None
     aborted = False
@@ -439,6 +440,9 @@ async def run_ferry(src: Guest, dst: Guest, policy: ConvergencePolicy, cap_bytes
                                           "arguments": applied["arguments"], "at_s": round(applied["at"] - t_mig, 3)})
                 if a.kind is ActionKind.ABORT:
                     aborted = True
+                if a.kind is ActionKind.POSTCOPY and live_postcopy and not released:
+                    r.measured["target_cont_at_s"] = round(await resume_incoming_target(dst.qmp) - t_mig, 3)
+                    released = True
             if aborted:
                 break
             if s.finished:
@@ -449,18 +453,16 @@ async def run_ferry(src: Guest, dst: Guest, policy: ConvergencePolicy, cap_bytes
     finally:
         r.decisions = state.decision_log()
     if final is not None and final.status == "completed":
-        await _finish_completed(r, src, dst, t_mig, final, rate, size, workdir, live_postcopy, cont_task)
+        await _finish_completed(r, src, dst, t_mig, final, rate, size, workdir, released)
         r.total_s = round(r.pre_s + (r.migration_s or 0), 3)
         r.completed_in_limit = r.total_s <= limit_s
         return r
-    if cont_task is not None:
-        cont_task.cancel()
     if aborted:
         rb = await cancel_and_resume(src.qmp)
         r.source_runstate_after = rb["runstate"]
         if rb["status"] == "completed":
             fin = await sample(src.qmp)
-            await _finish_completed(r, src, dst, t_mig, fin, rate, size, workdir, live_postcopy, None)
+            await _finish_completed(r, src, dst, t_mig, fin, rate, size, workdir, released)
             r.total_s = round(r.pre_s + (r.migration_s or 0), 3)
             return r
         r.outcome = "aborted"

@@ -51,6 +51,17 @@ def emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def show(path: str, as_json: bool, table=None, **params) -> None:
+    """GET `path` from the controller; print it as JSON, or as `table(data)` (a Rich table)."""
+    data = ControllerClient().get(path, params=params or None)
+    if as_json:
+        emit_json(data)
+    elif table is not None:
+        out.print(table(data))
+    else:
+        out.print_json(data=data)
+
+
 # ---- servers --------------------------------------------------------------------------------
 @app.command()
 @fails_cleanly
@@ -221,15 +232,13 @@ def probe(vm: str, duration: float = typer.Option(10.0, min=1, max=300, help="se
 @host_app.command("list")
 @fails_cleanly
 def host_list(as_json: bool = typer.Option(False, "--json")):
-    hosts = ControllerClient().get("/v1/hosts")
-    emit_json(hosts) if as_json else out.print(render.hosts_table(hosts))
+    show("/v1/hosts", as_json, render.hosts_table)
 
 
 @host_app.command("show")
 @fails_cleanly
 def host_show(name: str, as_json: bool = typer.Option(False, "--json")):
-    detail = ControllerClient().get(f"/v1/hosts/{name}")
-    emit_json(detail) if as_json else out.print_json(data=detail)
+    show(f"/v1/hosts/{name}", as_json)
 
 
 @host_app.command("drain")
@@ -307,16 +316,14 @@ def vm_create(name: str,
 @vm_app.command("list")
 @fails_cleanly
 def vm_list(as_json: bool = typer.Option(False, "--json")):
-    vms = ControllerClient().get("/v1/vms")
-    emit_json(vms) if as_json else out.print(render.vms_table(vms))
+    show("/v1/vms", as_json, render.vms_table)
 
 
 @vm_app.command("show")
 @fails_cleanly
 def vm_show(name: str, as_json: bool = typer.Option(False, "--json")):
     """Spec, placement, state, and the guest's live status page."""
-    detail = ControllerClient().get(f"/v1/vms/{name}")
-    emit_json(detail) if as_json else out.print_json(data=detail)
+    show(f"/v1/vms/{name}", as_json)
 
 
 @vm_app.command("delete")
@@ -411,8 +418,7 @@ def maintenance_schedule(hosts: list[str], at: Optional[str] = typer.Option(None
 @maintenance_app.command("list")
 @fails_cleanly
 def maintenance_list(as_json: bool = typer.Option(False, "--json")):
-    events = ControllerClient().get("/v1/maintenance")
-    emit_json(events) if as_json else out.print(render.events_table(events))
+    show("/v1/maintenance", as_json, render.events_table)
 
 
 @maintenance_app.command("show")
@@ -437,15 +443,14 @@ def maintenance_cancel(event_id: str):
 @fails_cleanly
 def manifest_status(as_json: bool = typer.Option(False, "--json")):
     """The fleet manifest in force, and the error of the last rejected one."""
-    emit_json(ControllerClient().get("/v1/manifest"))
+    show("/v1/manifest", True)
 
 
 # ---- migrations -----------------------------------------------------------------------------
 @migration_app.command("list")
 @fails_cleanly
 def migration_list(vm: Optional[str] = typer.Option(None), as_json: bool = typer.Option(False, "--json")):
-    ms = ControllerClient().get("/v1/migrations", params={"vm": vm} if vm else None)
-    emit_json(ms) if as_json else out.print(render.migrations_table(ms))
+    show("/v1/migrations", as_json, render.migrations_table, **({"vm": vm} if vm else {}))
 
 
 @migration_app.command("show")

@@ -320,12 +320,13 @@ BUILTIN_POLICIES: dict[str, ConvergencePolicy] = {
     p.name: p for p in (
         ConvergencePolicy(
             name="balanced",
-            description="pre-copy while it converges fast; post-copy after the first pass when the guest "
-                        "dirties memory at half the bandwidth or more; downtime raised to 100 ms at most",
+            description="pre-copy while it converges within half the completion timeout; post-copy after "
+                        "the first pass when the guest dirties memory at 0.7 of the bandwidth or more; "
+                        "downtime raised to 100 ms at most, then throttle, then post-copy",
             downtime_limit_ms=20, blackout_budget_ms=100, postcopy=True, strategy="auto",
-            postcopy_dirty_ratio=0.5,
-            schedule=_steps((2, "raise-downtime", 50), (3, "raise-downtime", 100), (4, "throttle", 50),
-                            (5, "postcopy")),
+            postcopy_dirty_ratio=0.7,
+            schedule=_steps((1, "raise-downtime", 50), (2, "raise-downtime", 100), (3, "throttle", 50),
+                            (4, "postcopy")),
             final_action="postcopy", completion_timeout_per_gib_s=30, completion_timeout_min_s=10,
             no_progress_timeout_s=20,
         ),
@@ -477,7 +478,8 @@ class Prediction:
 
 def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: float,
             downtime_limit_ms: float, *, postcopy_allowed: bool = True, postcopy_dirty_ratio: float = 0.5,
-            overhead_ms: float = 5.0, max_iterations: int = 30) -> Prediction:
+            max_precopy_s: float | None = None, overhead_ms: float = 5.0,
+            max_iterations: int = 30) -> Prediction:
     """Forecast pre-copy from the dirty rate and the bandwidth, and choose a strategy.
 
     Model: the first pass sends all of memory (M/B seconds); each later pass sends
@@ -489,9 +491,10 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
     over-counts a small working set, which only matters when WS/B already exceeds
     the limit, i.e. when pre-copy cannot converge anyway.
 
-    Strategy: `precopy` when it converges and D/B < postcopy_dirty_ratio (or
-    post-copy is not allowed); else `postcopy-after-first-pass` when allowed;
-    else `precopy-escalate` (run the stall schedule and the timeouts).
+    Strategy: `precopy` when it converges, D/B < postcopy_dirty_ratio and it takes
+    at most max_precopy_s (or post-copy is not allowed and it converges); else
+    `postcopy-after-first-pass` when allowed; else `precopy-escalate` (run the stall
+    schedule and the timeouts).
     """
     if memory_bytes <= 0:
         raise ValueError("memory_bytes must be > 0")
@@ -528,7 +531,8 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
     postcopy_s = first_pass_s + dirty_after_first / B
     postcopy_blackout_ms = overhead_ms
 
-    if converges and (ratio < postcopy_dirty_ratio or not postcopy_allowed):
+    fast_enough = max_precopy_s is None or t_total <= max_precopy_s
+    if converges and ((ratio < postcopy_dirty_ratio and fast_enough) or not postcopy_allowed):
         strategy = "precopy"
         why = (f"pre-copy converges: dirty {D / MIB:.0f} MiB/s is {ratio:.2f} of the bandwidth "
                f"{B / MIB:.0f} MiB/s; {iterations} passes, ~{t_total:.1f} s, blackout ~{precopy_blackout_ms:.0f} ms")
@@ -538,7 +542,9 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
         strategy = "postcopy-after-first-pass"
         if converges:
             why = (f"dirty {D / MIB:.0f} MiB/s is {ratio:.2f} of the bandwidth {B / MIB:.0f} MiB/s "
-                   f"(>= {postcopy_dirty_ratio}): pre-copy would need {iterations} passes (~{t_total:.1f} s); "
+                   f"({'>= ' + str(postcopy_dirty_ratio) if ratio >= postcopy_dirty_ratio else 'slow'}): pre-copy "
+                   f"would need {iterations} passes (~{t_total:.1f} s"
+                   f"{'' if fast_enough else f', over {max_precopy_s:.0f} s'}); "
                    f"post-copy after the first pass takes ~{postcopy_s:.1f} s")
         else:
             why = (f"pre-copy does not converge: dirty {D / MIB:.0f} MiB/s vs bandwidth {B / MIB:.0f} MiB/s "
@@ -560,7 +566,7 @@ def plan(policy: ConvergencePolicy, memory_bytes: int, dirty_rate_bytes_s: float
     """`predict` with the policy's settings; a forced strategy overrides the model's choice."""
     pred = predict(memory_bytes, dirty_rate_bytes_s, bandwidth_bytes_s, policy.downtime_limit_ms,
                    postcopy_allowed=policy.postcopy, postcopy_dirty_ratio=policy.postcopy_dirty_ratio,
-                   overhead_ms=overhead_ms)
+                   max_precopy_s=0.5 * policy.completion_timeout_s(memory_bytes), overhead_ms=overhead_ms)
     if policy.strategy == "postcopy" and pred.strategy != "postcopy-after-first-pass":
         return replace(pred, strategy="postcopy-after-first-pass", blackout_ms=overhead_ms,
                        reason=f"policy {policy.name!r} always switches to post-copy after the first pass; "
@@ -673,23 +679,28 @@ def _mib(b: float | None) -> str:
     return "?" if b is None else f"{b / MIB:.0f} MiB"
 
 
-def _repredict(policy: ConvergencePolicy, state: MonitorState, sample: Sample, now: float) -> MonitorState:
+def _repredict(policy: ConvergencePolicy, state: MonitorState, sample: Sample, now: float,
+               dirty_set: int) -> MonitorState:
     """At the end of the first pass the real throughput is known: predict again with it.
 
-    Bandwidth = bytes sent / QEMU's total time so far; dirty rate = the larger of the
-    pre-migration measurement and QEMU's own rate over the first pass."""
+    Bandwidth = bytes sent / QEMU's total time so far. Dirty rate = QEMU's own rate
+    over the first pass (pages found dirty at the sync / pass time; else the dirty-set
+    estimate / pass time): what the guest manages *while* being migrated, which under
+    TCG is far below what it does undisturbed (calc-dirty-rate before `migrate`)."""
     if policy.strategy != "auto" or not sample.total_time_ms or sample.transferred <= 0:
         return state
-    observed_bw = sample.transferred / (sample.total_time_ms / 1000.0)
-    measured = float(state.prediction.get("dirty_rate_bytes_s") or 0.0)
-    dirty = max(measured, sample.dirty_pages_rate * sample.page_size)
-    pred = plan(policy, state.memory_bytes, dirty, observed_bw)
-    params = {"prediction": pred.to_dict()}
+    t0 = sample.total_time_ms / 1000.0
+    observed_bw = sample.transferred / t0
+    in_migration = sample.dirty_pages_rate * sample.page_size or dirty_set / t0
+    pred = plan(policy, state.memory_bytes, in_migration, observed_bw)
+    params = {"prediction": pred.to_dict(), "observed_bandwidth_bytes_s": round(observed_bw),
+              "dirty_rate_during_first_pass_bytes_s": round(in_migration)}
+    what = (f"re-predicted with what the first pass showed: {observed_bw / MIB:.0f} MiB/s sent, guest dirtied "
+            f"{in_migration / MIB:.0f} MiB/s meanwhile (measured before: "
+            f"{float(state.prediction.get('dirty_rate_bytes_s') or 0) / MIB:.0f} MiB/s)")
     if pred.strategy == state.strategy:
-        return _log(state, now, "note", f"re-predicted with the observed {observed_bw / MIB:.0f} MiB/s and dirty "
-                    f"{dirty / MIB:.0f} MiB/s: strategy stays {state.strategy}", sample, params)
-    state = _log(state, now, "note", f"re-predicted with the observed {observed_bw / MIB:.0f} MiB/s and dirty "
-                 f"{dirty / MIB:.0f} MiB/s: strategy {state.strategy} -> {pred.strategy}: {pred.reason}",
+        return _log(state, now, "note", f"{what}: strategy stays {state.strategy}", sample, params)
+    state = _log(state, now, "note", f"{what}: strategy {state.strategy} -> {pred.strategy}: {pred.reason}",
                  sample, params)
     return replace(state, strategy=pred.strategy)
 
@@ -750,7 +761,7 @@ def decide(policy: ConvergencePolicy, state: MonitorState, sample: Sample | Mapp
             state = replace(state, first_pass_at=now, best_dirty=estimate, progress_at=now, stalled=0)
             state = _log(state, now, "note", f"first pass done after {elapsed:.1f} s ({_mib(sample.transferred)} "
                          f"sent); dirty set ~{_mib(estimate)}", sample, {"dirty_set_bytes": estimate})
-            state = _repredict(policy, state, sample, now)
+            state = _repredict(policy, state, sample, now, estimate)
             if state.strategy == "postcopy-after-first-pass" and policy.postcopy:
                 state = _act(state, now, sample, actions,
                              Action(ActionKind.POSTCOPY, {},

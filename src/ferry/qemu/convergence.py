@@ -120,17 +120,19 @@ async def apply_action(qmp_source: QmpSession, action: Any) -> dict:
 
 # ---- around the switchover -----------------------------------------------------------------
 
-async def resume_target_on_postcopy(qmp_target: QmpSession, since: float, timeout_s: float = 120.0) -> float:
-    """For a target started with -S (verification mode): `cont` it as soon as post-copy starts.
+async def resume_incoming_target(qmp_target: QmpSession) -> float:
+    """`cont` a target that was started with -S; returns the wall-clock time it was sent.
 
-    A paused target would make post-copy pointless (pages would only arrive by
-    background push while the guest is stopped). Sent while the target is still
-    `inmigrate`, `cont` only sets QEMU's autostart, so the vCPUs start the moment the
-    device state is loaded; sent after, it starts them at once. Returns the wall-clock
-    time `cont` was sent. Caution: `cont` activates block devices; only do this on a
-    target whose disks are not shared with a still-running source (ferry's guests
-    have none)."""
-    await wait_migration_status(qmp_target, "postcopy-active", since, timeout_s)
+    Needed for post-copy in verification mode: a paused target would make post-copy
+    pointless (pages would only arrive by background push while the guest is
+    stopped). Sent while the target is still receiving (`inmigrate`), `cont` only
+    sets QEMU's autostart, so the vCPUs start the moment the device state is loaded,
+    exactly as on a target started without -S: send it together with
+    `migrate-start-postcopy`. Caution: `cont` also activates block devices; only do
+    this when the target's disks are not shared with the still-running source
+    (ferry's guests have none), and only when post-copy is about to start (if
+    pre-copy completes instead, the target starts by itself and its memory can no
+    longer be compared with the source)."""
     sent_at = time.time()
     await qmp_target.execute("cont")
     return sent_at

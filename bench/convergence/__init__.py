@@ -1,0 +1,1 @@
+"""Convergence benchmark (see run.py)."""
