@@ -140,12 +140,12 @@ async def boot_guest(name: str, memory_mib: int, rate_mib_s: int, run_dir: Path,
     return g
 
 
-async def start_target(name: str, like: Guest, run_dir: Path) -> Guest:
-    """An empty QEMU waiting for `like`'s VM: -incoming defer, -S."""
+async def start_target(name: str, like: Guest, run_dir: Path, paused: bool = True) -> Guest:
+    """An empty QEMU waiting for `like`'s VM: -incoming defer, -S (unless paused=False)."""
     s = like.spec
     spec = LaunchSpec(name=name, memory_mib=s.memory_mib, vcpus=s.vcpus, kernel=s.kernel, initrd=s.initrd,
                       cmdline=s.cmdline, mac=s.mac, tap=None, run_dir=str(run_dir / name),
-                      incoming=True, start_paused=True)
+                      incoming=True, start_paused=paused)
     return await _launch(spec)
 
 

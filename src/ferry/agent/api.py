@@ -30,6 +30,7 @@ class VmBody(BaseModel):
     workload: str = "idle"
     start_paused: bool = False
     source_dn: str | None = None      # incoming only: the TLS identity the stream must come from
+    setup: dict | None = None         # incoming only: the target's capabilities/parameters of the policy
 
     def spec(self) -> InstanceSpec:
         return InstanceSpec(self.memory_mib, self.vcpus, parse_workload(self.workload))
@@ -49,6 +50,12 @@ class SignalBody(BaseModel):
     disk: str | None = Field(None, pattern="^(PASSED|FAILED|FAILING)$")
 
 
+class ActionBody(BaseModel):
+    kind: str = Field(pattern="^(set-downtime|set-bandwidth|throttle|postcopy|abort)$")
+    params: dict = Field(default_factory=dict)
+    reason: str = ""
+
+
 class ForwardingBody(BaseModel):
     action: str = Field(pattern="^(accept|start|stop|stop-accepting)$")
     peer_underlay: str | None = None
@@ -61,6 +68,7 @@ class MigrateBody(BaseModel):
     capabilities: dict[str, bool] = Field(default_factory=lambda: {"events": True})
     forward_to: str | None = None
     tls_hostname: str | None = None
+    setup: dict | None = None         # the source's capabilities/parameters of the convergence policy
 
 
 def tls_dn(settings: AgentSettings) -> str | None:
@@ -143,12 +151,21 @@ def create_app(settings: AgentSettings) -> FastAPI:
     @app.post("/v1/incoming", status_code=201)
     async def incoming(body: VmBody):
         return await manager.prepare_incoming(body.name, body.ip, body.mac, body.spec(), body.start_paused,
-                                              body.source_dn)
+                                              body.source_dn, body.setup)
 
     @app.post("/v1/vms/{name}/migrate")
     async def migrate(name: str, body: MigrateBody):
         settings_ = MigrationSettings(body.max_bandwidth_mib_s, body.downtime_limit_ms, body.capabilities)
-        return await manager.start_migration(name, body.uri, settings_, body.forward_to, body.tls_hostname)
+        return await manager.start_migration(name, body.uri, settings_, body.forward_to, body.tls_hostname,
+                                             body.setup)
+
+    @app.post("/v1/vms/{name}/migration-action")
+    async def migration_action(name: str, body: ActionBody):
+        return await manager.migration_action(name, body.model_dump())
+
+    @app.post("/v1/vms/{name}/dirty-rate")
+    async def dirty_rate(name: str):
+        return await manager.dirty_rate(name)
 
     @app.get("/v1/vms/{name}/migration")
     async def migration(name: str, since: float = 0.0):

@@ -31,6 +31,8 @@ from ferry.agent.metadata import MetadataService
 from ferry.qemu import memcheck
 from ferry.qemu.image import GuestImage, find_image, kernel_cmdline
 from ferry.qemu.launch import LaunchSpec, read_pid, start_qemu, stop_qemu
+from ferry.qemu import convergence
+from ferry.qemu.dirtyrate import measure_dirty_rate
 from ferry.qemu.migration import MigrationSettings, apply_settings, incoming_port, sample
 from ferry.qemu.session import QmpSession
 
@@ -224,15 +226,18 @@ class VmManager:
                 pass
 
     async def prepare_incoming(self, name: str, ip: str, mac: str, spec: InstanceSpec,
-                               start_paused: bool, source_dn: str | None = None) -> dict:
+                               start_paused: bool, source_dn: str | None = None, setup: dict | None = None) -> dict:
         """An empty target VM waiting for a migration stream on this host's underlay address.
-        With `source_dn`, the stream must be TLS from exactly that source host."""
+        With `source_dn`, the stream must be TLS from exactly that source host; `setup` is the
+        target's half of the convergence policy's capabilities (post-copy, multifd, ...)."""
         vm = await self._launch(name, ip, mac, spec, incoming=True, start_paused=start_paused)
         try:
             if source_dn is not None:
                 await self._tls_objects(vm, "server", peer_dn=source_dn)
             await vm.qmp.execute("migrate-set-capabilities",
                                  {"capabilities": [{"capability": "events", "state": True}]})
+            if setup:
+                await convergence.prepare_target(vm.qmp, {"source": {}, "target": setup})
             await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.settings.underlay_ip}:0"})
             port = incoming_port(await vm.qmp.execute("query-migrate"))
             if port is None:
@@ -243,12 +248,17 @@ class VmManager:
         return {"uri": f"tcp:{self.settings.underlay_ip}:{port}", "pid": vm.pid}
 
     async def start_migration(self, name: str, uri: str, settings: MigrationSettings,
-                              forward_to: str | None = None, tls_hostname: str | None = None) -> dict:
+                              forward_to: str | None = None, tls_hostname: str | None = None,
+                              setup: dict | None = None) -> dict:
         """Start sending. With `forward_to` (the target's underlay address), the VM's packets are
-        tunnelled there the moment the stream completes, not when a controller notices. With
-        `tls_hostname`, the stream is TLS and the target must present that host's certificate."""
+        tunnelled there the moment the source stops running the VM (stream completed, or post-copy
+        started), not when a controller notices. With `tls_hostname`, the stream is TLS and the
+        target must present that host's certificate. `setup`: the source's half of the policy."""
         vm = self.get(name)
-        await apply_settings(vm.qmp, settings)
+        if setup:
+            await convergence.prepare_source(vm.qmp, {"source": setup, "target": {}})
+        else:
+            await apply_settings(vm.qmp, settings)
         if tls_hostname is not None:
             await self._tls_objects(vm, "client", hostname=tls_hostname)
         else:
@@ -262,9 +272,10 @@ class VmManager:
 
     async def _forward_on_completion(self, vm: HostVm, since: float, peer: str) -> None:
         event = await vm.qmp.wait_for(
-            lambda e: e.name == "MIGRATION" and e.at >= since and e.data.get("status") in ("completed", "failed", "cancelled"),
+            lambda e: e.name == "MIGRATION" and e.at >= since
+            and e.data.get("status") in ("completed", "postcopy-active", "failed", "cancelled"),
             timeout_s=24 * 3600)
-        if event.data.get("status") == "completed":
+        if event.data.get("status") in ("completed", "postcopy-active"):
             await asyncio.to_thread(forwarding.start_forwarding, vm.record.ip, self.settings.underlay_ip, peer)
             vm.forwarding_started_at = time.time()
 
@@ -283,6 +294,16 @@ class VmManager:
             "runstate": await self.runstate(vm),
             "forwarding_started_at": vm.forwarding_started_at,
         }
+
+    async def migration_action(self, name: str, action: dict) -> dict:
+        """One decision of the controller's convergence loop, as one QMP command."""
+        return await convergence.apply_action(self.get(name).qmp, action)
+
+    async def dirty_rate(self, name: str) -> dict:
+        """The guest's dirty rate now (calc-dirty-rate, page sampling), before a migration."""
+        vm = self.get(name)
+        rate = await measure_dirty_rate(vm.qmp, calc_time_s=1)
+        return {"bytes_s": rate, "mib_s": round(rate / 2**20, 1)}
 
     async def cancel_migration(self, name: str) -> dict:
         """Roll back on the source: stop sending and make sure the guest runs here."""

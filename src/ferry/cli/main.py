@@ -291,12 +291,14 @@ def vm_create(name: str,
               workload: str = typer.Option("idle", help="idle, or memload:rate=MiB_PER_S[,size=MiB]"),
               host: Optional[str] = typer.Option(None, help="pin to this host instead of letting the scheduler pick"),
               on_host_maintenance: str = typer.Option("migrate", help="migrate, or terminate (shut down, restart after)"),
+              migration_policy: Optional[str] = typer.Option(None, help="convergence policy, e.g. no-postcopy"),
               wait: bool = typer.Option(True, help="wait until the guest answers on its status page"),
               as_json: bool = typer.Option(False, "--json")):
     """Boot a VM on a host the scheduler picks."""
     api = ControllerClient()
     vm = api.post("/v1/vms", {"name": name, "memory_mib": memory, "vcpus": vcpus, "workload": workload,
-                              "host": host, "on_host_maintenance": on_host_maintenance})
+                              "host": host, "on_host_maintenance": on_host_maintenance,
+                              "migration_policy": migration_policy})
     if wait:
         with out.status(f"booting {name} on {vm['host']}…"):
             deadline = time.monotonic() + 120
@@ -338,11 +340,12 @@ def vm_delete(name: str):
 def vm_migrate(name: str,
                to: Optional[str] = typer.Option(None, "--to", help="target host (default: the scheduler picks)"),
                verify_memory: bool = typer.Option(False, help="compare guest RAM page by page before resuming"),
+               policy: Optional[str] = typer.Option(None, help="convergence policy (balanced, min-blackout, no-postcopy, ...)"),
                wait: bool = typer.Option(True),
                as_json: bool = typer.Option(False, "--json")):
     """Live-migrate a VM, with a progress bar."""
     api = ControllerClient()
-    m = api.post("/v1/migrations", {"vm": name, "target": to, "verify_memory": verify_memory})
+    m = api.post("/v1/migrations", {"vm": name, "target": to, "verify_memory": verify_memory, "policy": policy})
     if wait:
         m = _follow(api, m, quiet=as_json)
     if as_json:
@@ -350,6 +353,7 @@ def vm_migrate(name: str,
     else:
         out.print(render.timeline_table(m))
         out.print(render.stats_table(m))
+        out.print(render.decisions_table(m))
         if m.get("error"):
             err.print(f"[red]{m['phase']}:[/red] {m['error']}", highlight=False)
     if m["phase"] in ("aborted", "failed"):
@@ -409,9 +413,11 @@ def parse_when(text: str | None) -> float | None:
 @fails_cleanly
 def maintenance_schedule(hosts: list[str], at: Optional[str] = typer.Option(None, help="+30s, +5m, ISO time"),
                          reason: str = typer.Option("scheduled by operator"),
+                         policy: Optional[str] = typer.Option(None, help="convergence policy for its moves"),
                          as_json: bool = typer.Option(False, "--json")):
     """Schedule maintenance of HOSTS: drain, run the maintenance action, return to service."""
-    e = ControllerClient().post("/v1/maintenance", {"hosts": hosts, "at": parse_when(at), "reason": reason})
+    e = ControllerClient().post("/v1/maintenance", {"hosts": hosts, "at": parse_when(at), "reason": reason,
+                                                    "migration_policy": policy})
     emit_json(e) if as_json else out.print(f"maintenance event {e['id']} for {', '.join(e['hosts'])}: {e['state']}")
 
 
@@ -463,6 +469,8 @@ def migration_show(migration_id: str, as_json: bool = typer.Option(False, "--jso
         return
     out.print(render.timeline_table(m))
     out.print(render.stats_table(m))
+    out.print(render.prediction_table(m))
+    out.print(render.decisions_table(m))
     if m.get("error"):
         out.print(f"[red]{m['phase']}:[/red] {m['error']}", highlight=False)
 

@@ -73,6 +73,11 @@ STAT_LABELS = [
     ("max_dirty_rate_mib_s", "highest dirty rate seen", "MiB/s"),
     ("mbps", "throughput", "Mbit/s"),
     ("setup_ms", "setup", "ms"),
+    ("postcopy_s", "post-copy (switch -> completed)", "s"),
+    ("postcopy_blocktime_ms", "post-copy block time (vCPUs waiting for pages)", "ms"),
+    ("dirty_rate_measured_mib_s", "dirty rate measured before (calc-dirty-rate)", "MiB/s"),
+    ("fabric_update_s", "fabric caught up after", "s"),
+    ("forwarded_packets", "packets forwarded by the source", ""),
     ("pages_compared", "pages compared", ""),
     ("pages_different", "pages different", ""),
 ]
@@ -109,4 +114,32 @@ def event_log(e: dict) -> Table:
     t.add_column("what")
     for at, text in e.get("log", []):
         t.add_row(clock(at), text)
+    return t
+
+
+def prediction_table(m: dict) -> Table:
+    """The forecast made before the migration beside what happened."""
+    p, s = m.get("prediction") or {}, m["stats"]
+    t = Table(title=f"prediction vs outcome (policy {m.get('policy')}: {p.get('strategy', '-')})")
+    for col in ("measure", "predicted", "measured"):
+        t.add_column(col, justify="right" if col != "measure" else "left")
+
+    def fmt(v, unit=""):
+        return "-" if v is None else (f"{v:,.1f} {unit}".strip() if isinstance(v, float) else f"{v:,} {unit}".strip())
+    t.add_row("dirty rate", fmt(p.get("dirty_rate_mib_s"), "MiB/s"), fmt(s.get("max_dirty_rate_mib_s"), "MiB/s (max during)"))
+    t.add_row("bandwidth", fmt(p.get("bandwidth_mib_s"), "MiB/s"),
+              fmt(s.get("mbps") / 8 * 1e6 / 2**20 if s.get("mbps") else None, "MiB/s"))
+    t.add_row("pre-copy", fmt(p.get("precopy_s") if p.get("strategy") == "precopy" else p.get("first_pass_s"), "s"),
+              fmt(s.get("precopy_s"), "s"))
+    t.add_row("blackout", fmt(p.get("blackout_ms"), "ms"), fmt(s.get("blackout_ms"), "ms"))
+    t.add_row("bytes sent", mib(p.get("bytes_sent")), mib(s.get("bytes_transferred")))
+    return t
+
+
+def decisions_table(m: dict) -> Table:
+    t = Table(title="convergence decisions")
+    for col in ("+s", "iteration", "status", "decision", "reason"):
+        t.add_column(col)
+    for d in m.get("decisions") or []:
+        t.add_row(f"{d['elapsed_s']:.2f}", str(d.get("iteration", "")), d.get("status", ""), d["kind"], d["reason"])
     return t

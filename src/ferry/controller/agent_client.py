@@ -78,6 +78,12 @@ class AgentClient:
     async def activate(self, name: str) -> dict:
         return await self._call("POST", f"/v1/vms/{name}/activate")
 
+    async def migration_action(self, name: str, action: dict) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/migration-action", json=action)
+
+    async def dirty_rate(self, name: str) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/dirty-rate", timeout=30)
+
     async def route(self, name: str) -> dict:
         return await self._call("GET", f"/v1/vms/{name}/route")
 

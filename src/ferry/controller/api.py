@@ -26,6 +26,7 @@ class VmBody(BaseModel):
     workload: str = "idle"
     host: str | None = None
     on_host_maintenance: str = Field("migrate", pattern="^(migrate|terminate)$")
+    migration_policy: str | None = None
 
 
 class MigrationBody(BaseModel):
@@ -33,12 +34,14 @@ class MigrationBody(BaseModel):
     target: str | None = None
     verify_memory: bool = False
     tls: bool | None = None          # default: the controller's migration policy
+    policy: str | None = None        # convergence policy (the VM's own choice still wins)
 
 
 class MaintenanceBody(BaseModel):
     hosts: list[str] = Field(min_length=1)
     at: float | None = Field(None, description="not before this time (seconds since the epoch)")
     reason: str = "scheduled by operator"
+    migration_policy: str | None = None
 
 
 class SignalBody(BaseModel):
@@ -91,7 +94,7 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
     @app.post("/v1/vms", status_code=201)
     async def create_vm(body: VmBody):
         inst = await controller.create_vm(body.name, body.memory_mib, body.vcpus, body.workload, body.host,
-                                          body.on_host_maintenance)
+                                          body.on_host_maintenance, body.migration_policy)
         return inst.to_dict()
 
     @app.get("/v1/vms/{name}")
@@ -109,7 +112,12 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
 
     @app.post("/v1/migrations", status_code=201)
     async def start_migration(body: MigrationBody):
-        return (await controller.start_migration(body.vm, body.target, body.verify_memory, tls=body.tls)).to_dict()
+        return (await controller.start_migration(body.vm, body.target, body.verify_memory, tls=body.tls,
+                                                 policy=body.policy)).to_dict()
+
+    @app.get("/v1/policies")
+    async def policies():
+        return {name: p.to_dict() for name, p in controller.migrator.policies.items()}
 
     @app.get("/v1/migrations/{migration_id}")
     async def show_migration(migration_id: str):
@@ -143,8 +151,10 @@ def create_app(controller: Controller, engine: MaintenanceEngine) -> FastAPI:
         if body.at is None:
             for name in body.hosts:
                 engine.check_drainable(name)
+        if body.migration_policy and body.migration_policy not in controller.migrator.policies:
+            raise InvalidInput(f"unknown convergence policy {body.migration_policy!r}")
         return engine.new_event(EventSource.OPERATOR, body.hosts, body.reason, Urgency.PLANNED,
-                                not_before=body.at or 0.0).to_dict()
+                                not_before=body.at or 0.0, migration_policy=body.migration_policy).to_dict()
 
     @app.get("/v1/maintenance/{event_id}")
     async def show_maintenance(event_id: str):

@@ -320,12 +320,12 @@ BUILTIN_POLICIES: dict[str, ConvergencePolicy] = {
     p.name: p for p in (
         ConvergencePolicy(
             name="balanced",
-            description="pre-copy while it converges within half the completion timeout; post-copy after "
+            description="pre-copy while it converges within 0.8 of the completion timeout; post-copy after "
                         "the first pass when the guest dirties memory at 0.7 of the bandwidth or more; "
                         "downtime raised to 100 ms at most, then throttle, then post-copy",
-            downtime_limit_ms=20, blackout_budget_ms=100, postcopy=True, strategy="auto",
+            downtime_limit_ms=10, blackout_budget_ms=100, postcopy=True, strategy="auto",
             postcopy_dirty_ratio=0.7,
-            schedule=_steps((1, "raise-downtime", 50), (2, "raise-downtime", 100), (3, "throttle", 50),
+            schedule=_steps((1, "raise-downtime", 30), (2, "raise-downtime", 100), (3, "throttle", 50),
                             (4, "postcopy")),
             final_action="postcopy", completion_timeout_per_gib_s=30, completion_timeout_min_s=10,
             no_progress_timeout_s=20,
@@ -334,7 +334,7 @@ BUILTIN_POLICIES: dict[str, ConvergencePolicy] = {
             name="min-blackout",
             description="shortest pause: post-copy after the first pass unless the guest is nearly idle; "
                         "downtime never above 20 ms",
-            downtime_limit_ms=10, blackout_budget_ms=20, postcopy=True, strategy="auto",
+            downtime_limit_ms=5, blackout_budget_ms=20, postcopy=True, strategy="auto",
             postcopy_dirty_ratio=0.1,
             schedule=_steps((1, "raise-downtime", 20), (2, "postcopy")),
             final_action="postcopy", completion_timeout_per_gib_s=30, completion_timeout_min_s=10,
@@ -344,8 +344,8 @@ BUILTIN_POLICIES: dict[str, ConvergencePolicy] = {
             name="no-postcopy",
             description="pre-copy only (a VM that must never depend on two hosts at once): raise the "
                         "downtime to 100 ms, throttle the guest, abort at the timeouts and retry later",
-            downtime_limit_ms=20, blackout_budget_ms=100, postcopy=False, strategy="precopy",
-            schedule=_steps((1, "raise-downtime", 50), (2, "raise-downtime", 100), (3, "throttle", 50),
+            downtime_limit_ms=10, blackout_budget_ms=100, postcopy=False, strategy="precopy",
+            schedule=_steps((1, "raise-downtime", 30), (2, "raise-downtime", 100), (3, "throttle", 50),
                             (4, "throttle", 80), (5, "throttle", 99)),
             final_action="abort", completion_timeout_per_gib_s=30, completion_timeout_min_s=10,
             no_progress_timeout_s=20,
@@ -463,7 +463,8 @@ class Prediction:
     iterations: int                 # passes over memory, the first full pass included
     first_pass_s: float
     precopy_s: float | None         # migrate -> stop-and-copy (None: does not converge)
-    blackout_ms: float              # expected blackout of the chosen strategy
+    precopy_blackout_ms: float | None   # expected pre-copy blackout (None: does not converge)
+    blackout_ms: float | None       # expected blackout of the chosen strategy (None: unknown)
     bytes_sent: int                 # expected bytes on the wire (chosen strategy)
     postcopy_s: float               # migrate -> end, if post-copy starts after the first pass
     strategy: str                   # precopy | postcopy-after-first-pass | precopy-escalate
@@ -524,7 +525,7 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
     else:
         if x / B <= limit_s:
             converges, final_x = True, x
-    precopy_blackout_ms = final_x / B * 1000 + overhead_ms
+    precopy_blackout_ms = final_x / B * 1000 + overhead_ms if converges else None
 
     # post-copy after the first pass: the pages dirtied during it move after the switch
     dirty_after_first = min(M, D * first_pass_s)
@@ -537,7 +538,8 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
         why = (f"pre-copy converges: dirty {D / MIB:.0f} MiB/s is {ratio:.2f} of the bandwidth "
                f"{B / MIB:.0f} MiB/s; {iterations} passes, ~{t_total:.1f} s, blackout ~{precopy_blackout_ms:.0f} ms")
         return Prediction(memory_bytes, D, B, downtime_limit_ms, ratio, True, iterations, first_pass_s,
-                          t_total, precopy_blackout_ms, int(sent + final_x), postcopy_s, strategy, why)
+                          t_total, precopy_blackout_ms, precopy_blackout_ms, int(sent + final_x), postcopy_s,
+                          strategy, why)
     if postcopy_allowed:
         strategy = "postcopy-after-first-pass"
         if converges:
@@ -550,30 +552,32 @@ def predict(memory_bytes: int, dirty_rate_bytes_s: float, bandwidth_bytes_s: flo
             why = (f"pre-copy does not converge: dirty {D / MIB:.0f} MiB/s vs bandwidth {B / MIB:.0f} MiB/s "
                    f"at a {downtime_limit_ms:.0f} ms limit; post-copy after the first pass (~{postcopy_s:.1f} s)")
         return Prediction(memory_bytes, D, B, downtime_limit_ms, ratio, converges, iterations, first_pass_s,
-                          t_total if converges else None, postcopy_blackout_ms,
+                          t_total if converges else None, precopy_blackout_ms, postcopy_blackout_ms,
                           int(M + dirty_after_first), postcopy_s, strategy, why)
     strategy = "precopy-escalate"
     why = (f"pre-copy does not converge (dirty {D / MIB:.0f} MiB/s vs bandwidth {B / MIB:.0f} MiB/s at "
            f"{downtime_limit_ms:.0f} ms) and post-copy is not allowed: escalate by the schedule, then the "
            "final action")
     return Prediction(memory_bytes, D, B, downtime_limit_ms, ratio, converges, iterations, first_pass_s,
-                      t_total if converges else None, precopy_blackout_ms if converges else math.inf,
-                      int(sent), postcopy_s, strategy, why)
+                      None, None, None, int(sent), postcopy_s, strategy, why)
 
 
 def plan(policy: ConvergencePolicy, memory_bytes: int, dirty_rate_bytes_s: float,
          bandwidth_bytes_s: float, overhead_ms: float = 5.0) -> Prediction:
-    """`predict` with the policy's settings; a forced strategy overrides the model's choice."""
+    """`predict` with the policy's settings (pre-copy must fit in 0.8 of the completion
+    timeout to be chosen); a forced strategy overrides the model's choice."""
     pred = predict(memory_bytes, dirty_rate_bytes_s, bandwidth_bytes_s, policy.downtime_limit_ms,
                    postcopy_allowed=policy.postcopy, postcopy_dirty_ratio=policy.postcopy_dirty_ratio,
-                   max_precopy_s=0.5 * policy.completion_timeout_s(memory_bytes), overhead_ms=overhead_ms)
+                   max_precopy_s=0.8 * policy.completion_timeout_s(memory_bytes), overhead_ms=overhead_ms)
     if policy.strategy == "postcopy" and pred.strategy != "postcopy-after-first-pass":
         return replace(pred, strategy="postcopy-after-first-pass", blackout_ms=overhead_ms,
+                       bytes_sent=int(pred.memory_bytes + min(pred.memory_bytes,
+                                                              pred.dirty_rate_bytes_s * pred.first_pass_s)),
                        reason=f"policy {policy.name!r} always switches to post-copy after the first pass; "
                               + pred.reason)
     if policy.strategy == "precopy" and pred.strategy == "postcopy-after-first-pass":
         strategy = "precopy" if pred.converges else "precopy-escalate"
-        return replace(pred, strategy=strategy,
+        return replace(pred, strategy=strategy, blackout_ms=pred.precopy_blackout_ms,
                        reason=f"policy {policy.name!r} starts in pre-copy and escalates by its schedule; "
                               + pred.reason)
     return pred
@@ -615,7 +619,8 @@ class MonitorState:
     started_at: float
     memory_bytes: int
     strategy: str
-    prediction: dict
+    prediction: dict                # before `migrate`
+    reprediction: dict | None = None    # at the end of the first pass, with observed numbers
     phase: str = "precopy"          # precopy | postcopy-requested | postcopy | aborting | done
     downtime_ms: int = 0
     throttle_pct: int = 0
@@ -698,6 +703,7 @@ def _repredict(policy: ConvergencePolicy, state: MonitorState, sample: Sample, n
     what = (f"re-predicted with what the first pass showed: {observed_bw / MIB:.0f} MiB/s sent, guest dirtied "
             f"{in_migration / MIB:.0f} MiB/s meanwhile (measured before: "
             f"{float(state.prediction.get('dirty_rate_bytes_s') or 0) / MIB:.0f} MiB/s)")
+    state = replace(state, reprediction=pred.to_dict())
     if pred.strategy == state.strategy:
         return _log(state, now, "note", f"{what}: strategy stays {state.strategy}", sample, params)
     state = _log(state, now, "note", f"{what}: strategy {state.strategy} -> {pred.strategy}: {pred.reason}",
@@ -763,9 +769,10 @@ def decide(policy: ConvergencePolicy, state: MonitorState, sample: Sample | Mapp
                          f"sent); dirty set ~{_mib(estimate)}", sample, {"dirty_set_bytes": estimate})
             state = _repredict(policy, state, sample, now, estimate)
             if state.strategy == "postcopy-after-first-pass" and policy.postcopy:
+                basis = state.reprediction or state.prediction
                 state = _act(state, now, sample, actions,
                              Action(ActionKind.POSTCOPY, {},
-                                    f"strategy post-copy after the first pass: {state.prediction.get('reason', '')}"))
+                                    f"strategy post-copy after the first pass: {basis.get('reason', '')}"))
                 return actions, replace(state, phase="postcopy-requested", requested_at=now)
         elif state.best_dirty is None or estimate < state.best_dirty * (1 - policy.progress_margin):
             state = replace(state, best_dirty=estimate, progress_at=now, stalled=0)

@@ -164,7 +164,8 @@ class MaintenanceEngine:
 
     def new_event(self, source: EventSource, hosts: list[str], reason: str, urgency: Urgency,
                   not_before: float = 0.0, action: str = "maintain",
-                  desired: dict[str, dict[str, str]] | None = None) -> MaintenanceEvent:
+                  desired: dict[str, dict[str, str]] | None = None,
+                  migration_policy: str | None = None) -> MaintenanceEvent:
         for name in hosts:
             self.ctl.host(name)      # unknown host: a clear error, nothing recorded
         if not hosts:
@@ -172,7 +173,7 @@ class MaintenanceEngine:
         now = self.clock()
         event = MaintenanceEvent(id=uuid.uuid4().hex[:10], source=source, hosts=list(hosts), reason=reason,
                                  urgency=urgency, created_at=now, not_before=not_before, action=action,
-                                 desired_versions=desired or {},
+                                 desired_versions=desired or {}, migration_policy=migration_policy,
                                  progress={h: HostProgress.WAITING.value for h in hosts})
         event.note(now, f"created ({source.value}, {urgency.value}): {reason}")
         self.store.put_event(event)
@@ -245,7 +246,8 @@ class MaintenanceEngine:
             event = self.store.get_event(mv.event_id)
             try:
                 m = await self.ctl.start_migration(mv.vm, mv.target, reason=f"maintenance {mv.event_id}",
-                                                   notified_at=event.notices.get(mv.vm))
+                                                   notified_at=event.notices.get(mv.vm),
+                                                   policy=event.migration_policy)
                 event.note(now, f"migrating {mv.vm} {mv.source} -> {mv.target} (migration {m.id})")
             except Exception as exc:  # noqa: BLE001 - recorded; the planner retries after a pause
                 self.attempts[mv.vm] = (self.attempts.get(mv.vm, (0, 0))[0] + 1, now)

@@ -13,8 +13,11 @@ import logging
 import time
 from typing import Callable
 
+import statistics
+
+from ferry.controller import convergence as conv
 from ferry.controller.agent_client import AgentClient
-from ferry.controller.policy import MigrationPolicy, Progress, Verdict, judge
+from ferry.controller.policy import MigrationPolicy
 from ferry.model import InstanceState, Migration, Phase
 from ferry.qemu.memcheck import differing_pages
 from ferry.store import Store
@@ -38,6 +41,20 @@ class Migrator:
         self.policy = policy
         self.clock = clock
         self.source_dn = source_dn     # host name -> the TLS identity a target must require of it
+        self.policies = conv.load_policies(policy.policies_file) if policy.policies_file else dict(conv.BUILTIN_POLICIES)
+        if policy.convergence not in self.policies:
+            raise conv.PolicyError(f"unknown default convergence policy {policy.convergence!r}")
+
+    def choose_policy(self, vm_policy: str | None, event_policy: str | None) -> tuple[conv.ConvergencePolicy, str]:
+        """The VM's own policy wins, then the maintenance event's, then the default."""
+        return conv.select_policy(self.policies, vm_policy, event_policy, self.policy.convergence)
+
+    def link_bandwidth(self) -> float:
+        """Bytes/s the link is expected to carry: what recent migrations achieved, else the setting."""
+        done = [m.stats.mbps for m in self.store.list_migrations()[-10:] if m.phase is Phase.COMPLETED and m.stats.mbps]
+        if done:
+            return statistics.median(done) * 1e6 / 8
+        return self.policy.link_bandwidth_mib_s * conv.MIB
 
     def _enter(self, m: Migration, phase: Phase, at: float | None = None) -> None:
         m.enter(phase, at if at is not None else self.clock())
@@ -52,6 +69,14 @@ class Migrator:
         completed_on_source = False
         forwarding = False
         try:
+            policy = self.policies[m.policy]
+            memory = spec.memory_mib * conv.MIB
+            dirty = (await src.dirty_rate(m.vm))["bytes_s"]
+            prediction = conv.plan(policy, memory, dirty, self.link_bandwidth())
+            m.prediction = prediction.to_dict()
+            m.stats.dirty_rate_measured_mib_s = round(dirty / conv.MIB, 1)
+            setup = policy.qemu_setup()
+            self.store.put_migration(m)
             source_dn = None
             if m.tls:
                 if self.source_dn is None:
@@ -59,7 +84,7 @@ class Migrator:
                 source_dn = self.source_dn(m.source)
             body = {"name": inst.name, "ip": inst.ip, "mac": inst.mac, "memory_mib": spec.memory_mib,
                     "vcpus": spec.vcpus, "workload": str(spec.workload), "start_paused": m.verify_memory,
-                    "source_dn": source_dn}
+                    "source_dn": source_dn, "setup": setup["target"]}
             incoming = await dst.prepare_incoming(body)
             target_made = True
             if self.policy.forwarding:
@@ -68,11 +93,10 @@ class Migrator:
             self._enter(m, Phase.TARGET_READY)
             forward_to = self.store.get_host(m.target).underlay_ip if self.policy.forwarding else None
             started = await src.migrate(m.vm, {"uri": incoming["uri"], "forward_to": forward_to,
-                                               "tls_hostname": m.target if m.tls else None,
-                                               **self.policy.agent_settings()})
+                                               "tls_hostname": m.target if m.tls else None, "setup": setup["source"]})
             t0 = started["started_at"]
             self._enter(m, Phase.CONNECTED, t0)
-            final = await self._monitor(m, src, t0, spec.memory_mib)
+            final = await self._monitor(m, src, t0, policy, conv.start(policy, prediction, memory, self.clock()))
             completed_on_source = True
             self._record_stream_stats(m, final)
             if self.policy.forwarding:
@@ -85,6 +109,8 @@ class Migrator:
                 await self._verify(m, src, dst)
                 await dst.resume(m.vm)
             resume_at = await self._wait_resume(dst, m.vm, t0)
+            if m.entered_at(Phase.POSTCOPY) is not None:
+                m.stats.postcopy_blocktime_ms = (await dst.migration_status(m.vm, t0))["sample"].get("postcopy_blocktime_ms")
         except Exception as exc:  # noqa: BLE001 - every failure must end in a rollback
             aborted = isinstance(exc, MigrationAborted)
             reason = str(exc) or exc.__class__.__name__
@@ -131,8 +157,10 @@ class Migrator:
         self._enter(m, Phase.SOURCE_CLEANUP)
         await src.delete_vm(m.vm)
 
-    async def _monitor(self, m: Migration, src: AgentClient, t0: float, memory_mib: int) -> dict:
-        progress = Progress(started=self.clock())
+    async def _monitor(self, m: Migration, src: AgentClient, t0: float, policy: conv.ConvergencePolicy,
+                       state: conv.MonitorState) -> dict:
+        """Sample the source every policy.sample_interval_s; the convergence engine decides
+        (raise the downtime limit, throttle, post-copy, abort) and the source agent acts."""
         since = t0 - 0.05
         while True:
             st = await src.migration_status(m.vm, since)
@@ -140,23 +168,41 @@ class Migrator:
             m.progress = sample
             rate = sample.get("dirty_rate_mib_s") or 0.0
             m.stats.max_dirty_rate_mib_s = max(m.stats.max_dirty_rate_mib_s or 0.0, rate)
-            for ev in st["migration_events"]:
-                if ev["status"] == "active" and m.entered_at(Phase.PRECOPY) is None:
-                    self._enter(m, Phase.PRECOPY, ev["at"])
-            if st["stop_at"] and m.entered_at(Phase.BLACKOUT) is None:
-                if m.entered_at(Phase.PRECOPY) is None:
-                    self._enter(m, Phase.PRECOPY, st["stop_at"])
-                self._enter(m, Phase.BLACKOUT, st["stop_at"])
+            self._enter_observed(m, st)
+            actions, state = conv.decide(policy, state, sample, self.clock())
+            m.decisions = state.decision_log()
+            for action in actions:
+                if action.kind is conv.ActionKind.ABORT:
+                    raise MigrationAborted(f"{policy.name}: {action.reason}")
+                await src.migration_action(m.vm, action.to_dict())
             status = sample["status"]
             if status == "completed":
+                self._enter_observed(m, await src.migration_status(m.vm, since))
                 return sample
             if status in ("failed", "cancelled"):
+                if m.entered_at(Phase.POSTCOPY) is not None:
+                    raise MigrationFailed(f"post-copy {status}: {sample.get('error') or 'no detail'}")
                 raise MigrationAborted(f"QEMU reports the migration {status}: {sample.get('error') or 'no detail'}")
-            verdict, why = judge(self.policy, progress, self.clock(), sample.get("remaining", 0), memory_mib)
-            if verdict is Verdict.ABORT:
-                raise MigrationAborted(why)
             self.store.put_migration(m)
-            await asyncio.sleep(self.policy.poll_interval_s)
+            await asyncio.sleep(policy.sample_interval_s)
+
+    def _enter_observed(self, m: Migration, st: dict) -> None:
+        """Phases QEMU's events have timed, entered in the order they happened."""
+        seen: list[tuple[float, Phase]] = []
+        for ev in st["migration_events"]:
+            if ev["status"] == "active":
+                seen.append((ev["at"], Phase.PRECOPY))
+            elif ev["status"] == "postcopy-active":
+                seen.append((ev["at"], Phase.POSTCOPY))
+        if st["stop_at"]:
+            seen.append((st["stop_at"], Phase.BLACKOUT))
+        for at, phase in sorted(seen, key=lambda x: x[0]):
+            if m.entered_at(phase) is None:
+                self._enter(m, phase, at)
+        done = next((ev["at"] for ev in st["migration_events"] if ev["status"] == "completed"), None)
+        post = m.entered_at(Phase.POSTCOPY)
+        if done and post:
+            m.stats.postcopy_s = round(done - post, 3)
 
     async def _verify(self, m: Migration, src: AgentClient, dst: AgentClient) -> None:
         self._enter(m, Phase.VERIFYING)
@@ -231,7 +277,9 @@ class Migrator:
         m.stats.setup_ms = final.get("setup_time_ms")
 
     def _finish_stats(self, m: Migration) -> None:
-        precopy, blackout = m.entered_at(Phase.PRECOPY), m.entered_at(Phase.BLACKOUT)
+        precopy = m.entered_at(Phase.PRECOPY)
+        ends = [t for t in (m.entered_at(Phase.POSTCOPY), m.entered_at(Phase.BLACKOUT)) if t]
+        blackout = min(ends) if ends else None
         post, cleanup = m.entered_at(Phase.POSTMIGRATION), m.entered_at(Phase.SOURCE_CLEANUP)
         fabric = m.entered_at(Phase.FABRIC_UPDATED)
         if precopy and blackout:

@@ -91,10 +91,14 @@ class Controller:
         return inst
 
     async def create_vm(self, name: str, memory_mib: int, vcpus: int, workload: str | None,
-                        host: str | None = None, on_host_maintenance: str = "migrate") -> Instance:
+                        host: str | None = None, on_host_maintenance: str = "migrate",
+                        migration_policy: str | None = None) -> Instance:
         validate_name(name, "VM name")
-        spec = InstanceSpec(memory_mib, vcpus, parse_workload(workload), on_host_maintenance)
+        spec = InstanceSpec(memory_mib, vcpus, parse_workload(workload), on_host_maintenance, migration_policy)
         validate_spec(spec)
+        if migration_policy is not None and migration_policy not in self.migrator.policies:
+            raise InvalidInput(f"unknown convergence policy {migration_policy!r} "
+                               f"(known: {', '.join(sorted(self.migrator.policies))})")
         async with self._lock:
             if self.store.get_instance(name):
                 raise Conflict(f"a VM named {name!r} already exists")
@@ -174,7 +178,7 @@ class Controller:
     # ---- migrations ------------------------------------------------------------------------
     async def start_migration(self, vm: str, target: str | None, verify_memory: bool = False,
                               reason: str = "operator", notified_at: float | None = None,
-                              tls: bool | None = None) -> Migration:
+                              tls: bool | None = None, policy: str | None = None) -> Migration:
         async with self._lock:
             inst = self.instance(vm)
             if inst.state is not InstanceState.RUNNING:
@@ -187,10 +191,15 @@ class Controller:
                 if chosen.name == inst.host:
                     raise InvalidInput(f"VM {vm!r} already runs on {target}; choose another target host")
                 check_fits(inst.spec, chosen, used, vm)
+            try:
+                chosen_policy, why = self.migrator.choose_policy(inst.spec.migration_policy, policy)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
             now = time.time()
             m = Migration(id=uuid.uuid4().hex[:12], vm=vm, source=inst.host, target=chosen.name,
                           verify_memory=verify_memory, reason=reason, created_at=now,
-                          tls=self.migrator.policy.tls if tls is None else tls)
+                          tls=self.migrator.policy.tls if tls is None else tls,
+                          policy=chosen_policy.name, policy_reason=why)
             if notified_at is not None:
                 m.enter(Phase.NOTIFIED, notified_at)   # the guest was told before anything was reserved
             m.enter(Phase.PENDING, now)

@@ -33,15 +33,16 @@ class InstanceSpec:
     vcpus: int = 1
     workload: Workload = field(default_factory=Workload)
     on_host_maintenance: str = "migrate"   # GCE's scheduling option: "migrate" or "terminate"
+    migration_policy: str | None = None    # a named convergence policy (e.g. no-postcopy); None: the default
 
     def to_dict(self) -> dict:
         return {"memory_mib": self.memory_mib, "vcpus": self.vcpus, "workload": str(self.workload),
-                "on_host_maintenance": self.on_host_maintenance}
+                "on_host_maintenance": self.on_host_maintenance, "migration_policy": self.migration_policy}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InstanceSpec":
         return cls(int(d["memory_mib"]), int(d["vcpus"]), parse_workload(d.get("workload")),
-                   d.get("on_host_maintenance", "migrate"))
+                   d.get("on_host_maintenance", "migrate"), d.get("migration_policy"))
 
 
 @dataclass

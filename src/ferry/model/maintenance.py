@@ -53,6 +53,7 @@ class MaintenanceEvent:
     progress: dict[str, str] = field(default_factory=dict)      # host -> HostProgress
     notices: dict[str, float] = field(default_factory=dict)     # vm -> when its guest was told
     blocked: str | None = None              # why the planner could not start it (yet)
+    migration_policy: str | None = None     # convergence policy for its moves (a VM's own choice wins)
     log: list[tuple[float, str]] = field(default_factory=list)
 
     @property

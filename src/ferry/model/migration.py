@@ -53,6 +53,9 @@ class MigrationStats:
     setup_ms: float | None = None
     pages_compared: int | None = None
     pages_different: int | None = None
+    postcopy_s: float | None = None          # post-copy phase: switch -> completed
+    postcopy_blocktime_ms: float | None = None   # target vCPUs waiting for pages; the guest's stall = blackout + this
+    dirty_rate_measured_mib_s: float | None = None  # calc-dirty-rate before the migration
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +74,10 @@ class Migration:
     progress: dict = field(default_factory=dict)   # the latest query-migrate sample
     verify_memory: bool = False
     tls: bool = False                    # mutual TLS on the stream, accepted only from the named source
+    policy: str = ""                     # the convergence policy, and why it was chosen
+    policy_reason: str = ""
+    prediction: dict = field(default_factory=dict)      # before the migration, beside the outcome in `stats`
+    decisions: list[dict] = field(default_factory=list)  # the monitor loop's log: every action with its reason
     reason: str = "operator"
     error: str | None = None
     created_at: float = 0.0

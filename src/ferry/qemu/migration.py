@@ -49,6 +49,7 @@ class MigrationSample:
     page_size: int = 4096
     mbps: float = 0.0
     error: str | None = None
+    postcopy_blocktime_ms: int | None = None   # target only, with the postcopy-blocktime capability
 
     @property
     def dirty_rate_mib_s(self) -> float:
@@ -80,6 +81,7 @@ def parse_query_migrate(reply: dict) -> MigrationSample:
         page_size=ram.get("page-size", 4096) or 4096,
         mbps=float(ram.get("mbps", 0.0)),
         error=reply.get("error-desc"),
+        postcopy_blocktime_ms=reply.get("postcopy-blocktime"),
     )
 
 
