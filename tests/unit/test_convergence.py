@@ -455,3 +455,11 @@ def test_decide_invariants(policy, samples, dirty, bw):
     logged = [d.kind for d in sim.state.decisions if d.kind != "note"]
     assert logged == [k.value for k in kinds]
     json.dumps(sim.state.decision_log())
+
+
+def test_the_policy_file_in_the_repo_restates_the_builtins():
+    path = Path(__file__).resolve().parents[2] / "bench" / "convergence" / "policies.toml"
+    policies = load_policies(path, include_builtin=False)
+    for name, builtin in BUILTIN_POLICIES.items():
+        assert policies[name] == builtin, name
+    assert policies["no-postcopy-xbzrle"].xbzrle and policies["no-postcopy-multifd"].multifd_channels == 2

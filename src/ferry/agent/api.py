@@ -50,6 +50,10 @@ class SignalBody(BaseModel):
     disk: str | None = Field(None, pattern="^(PASSED|FAILED|FAILING)$")
 
 
+class ResumeBody(BaseModel):
+    uri: str = Field(pattern="^tcp:")
+
+
 class ActionBody(BaseModel):
     kind: str = Field(pattern="^(set-downtime|set-bandwidth|throttle|postcopy|abort)$")
     params: dict = Field(default_factory=dict)
@@ -162,6 +166,18 @@ def create_app(settings: AgentSettings) -> FastAPI:
     @app.post("/v1/vms/{name}/migration-action")
     async def migration_action(name: str, body: ActionBody):
         return await manager.migration_action(name, body.model_dump())
+
+    @app.post("/v1/vms/{name}/postcopy-pause")
+    async def postcopy_pause(name: str):
+        return await manager.postcopy_pause(name)
+
+    @app.post("/v1/vms/{name}/postcopy-recover")
+    async def postcopy_recover(name: str):
+        return await manager.postcopy_recover(name)
+
+    @app.post("/v1/vms/{name}/postcopy-resume")
+    async def postcopy_resume(name: str, body: ResumeBody):
+        return await manager.postcopy_resume(name, body.uri)
 
     @app.post("/v1/vms/{name}/dirty-rate")
     async def dirty_rate(name: str):

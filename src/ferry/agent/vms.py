@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 MEMLOAD_ERROR = re.compile(r"MEMLOAD ERROR")
 
 
+def free_port(ip: str) -> int:
+    """A port free on `ip` now (for QEMU to listen on; the race with other listeners is harmless here)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
 def create_route_to_tap(ip: str, tap: str) -> None:
     ipcmd.ip("route", "replace", f"{ip}/32", "dev", tap)
 
@@ -298,6 +306,25 @@ class VmManager:
     async def migration_action(self, name: str, action: dict) -> dict:
         """One decision of the controller's convergence loop, as one QMP command."""
         return await convergence.apply_action(self.get(name).qmp, action)
+
+    async def postcopy_pause(self, name: str) -> dict:
+        """Post-copy's link is stuck: pause it (the VM waits, it is not lost) so that it can be recovered."""
+        vm = self.get(name)
+        await vm.qmp.execute("migrate-pause")
+        return {"status": (await sample(vm.qmp)).status}
+
+    async def postcopy_recover(self, name: str) -> dict:
+        """Target: listen for the resumed post-copy stream on a new port of the underlay address."""
+        vm = self.get(name)
+        port = free_port(self.settings.underlay_ip)
+        await vm.qmp.execute("migrate-recover", {"uri": f"tcp:{self.settings.underlay_ip}:{port}"})
+        return {"uri": f"tcp:{self.settings.underlay_ip}:{port}"}
+
+    async def postcopy_resume(self, name: str, uri: str) -> dict:
+        """Source: reconnect a paused post-copy to the target's recovery address."""
+        vm = self.get(name)
+        await vm.qmp.execute("migrate", {"uri": uri, "resume": True})
+        return {"status": (await sample(vm.qmp)).status}
 
     async def dirty_rate(self, name: str) -> dict:
         """The guest's dirty rate now (calc-dirty-rate, page sampling), before a migration."""

@@ -81,6 +81,15 @@ class AgentClient:
     async def migration_action(self, name: str, action: dict) -> dict:
         return await self._call("POST", f"/v1/vms/{name}/migration-action", json=action)
 
+    async def postcopy_pause(self, name: str) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/postcopy-pause")
+
+    async def postcopy_recover(self, name: str) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/postcopy-recover")
+
+    async def postcopy_resume(self, name: str, uri: str) -> dict:
+        return await self._call("POST", f"/v1/vms/{name}/postcopy-resume", json={"uri": uri})
+
     async def dirty_rate(self, name: str) -> dict:
         return await self._call("POST", f"/v1/vms/{name}/dirty-rate", timeout=30)
 

@@ -96,7 +96,7 @@ class Migrator:
                                                "tls_hostname": m.target if m.tls else None, "setup": setup["source"]})
             t0 = started["started_at"]
             self._enter(m, Phase.CONNECTED, t0)
-            final = await self._monitor(m, src, t0, policy, conv.start(policy, prediction, memory, self.clock()))
+            final = await self._monitor(m, src, t0, policy, conv.start(policy, prediction, memory, self.clock()), dst)
             completed_on_source = True
             self._record_stream_stats(m, final)
             if self.policy.forwarding:
@@ -158,19 +158,38 @@ class Migrator:
         await src.delete_vm(m.vm)
 
     async def _monitor(self, m: Migration, src: AgentClient, t0: float, policy: conv.ConvergencePolicy,
-                       state: conv.MonitorState) -> dict:
+                       state: conv.MonitorState, dst: AgentClient | None = None) -> dict:
         """Sample the source every policy.sample_interval_s; the convergence engine decides
-        (raise the downtime limit, throttle, post-copy, abort) and the source agent acts."""
+        (raise the downtime limit, throttle, post-copy, abort) and the source agent acts.
+        A post-copy whose link stalls is paused and recovered (the VM waits; it is never lost)."""
         since = t0 - 0.05
+        moved_at, last_sent = self.clock(), -1
+        notes: list[dict] = []
         while True:
             st = await src.migration_status(m.vm, since)
             sample = st["sample"]
+            if sample["transferred"] != last_sent:
+                moved_at, last_sent = self.clock(), sample["transferred"]
+            if dst is not None and sample["status"] == "postcopy-active" \
+                    and self.clock() - moved_at > self.policy.postcopy_stall_s:
+                self._note(m, state, notes, f"post-copy sent nothing for {self.clock() - moved_at:.1f} s: pausing it")
+                await src.postcopy_pause(m.vm)
+                try:
+                    await dst.postcopy_pause(m.vm)     # the target may not notice a dead link by itself
+                except Exception:  # noqa: BLE001 - it may have paused already
+                    pass
+                moved_at = self.clock()
+                continue
+            if dst is not None and sample["status"] == "postcopy-paused":
+                await self._recover_postcopy(m, src, dst, state, notes)
+                moved_at = self.clock()
+                continue
             m.progress = sample
             rate = sample.get("dirty_rate_mib_s") or 0.0
             m.stats.max_dirty_rate_mib_s = max(m.stats.max_dirty_rate_mib_s or 0.0, rate)
             self._enter_observed(m, st)
             actions, state = conv.decide(policy, state, sample, self.clock())
-            m.decisions = state.decision_log()
+            m.decisions = sorted(state.decision_log() + notes, key=lambda d: d["elapsed_s"])
             for action in actions:
                 if action.kind is conv.ActionKind.ABORT:
                     raise MigrationAborted(f"{policy.name}: {action.reason}")
@@ -185,6 +204,42 @@ class Migrator:
                 raise MigrationAborted(f"QEMU reports the migration {status}: {sample.get('error') or 'no detail'}")
             self.store.put_migration(m)
             await asyncio.sleep(policy.sample_interval_s)
+
+    def _note(self, m: Migration, state: conv.MonitorState, notes: list[dict], reason: str) -> None:
+        """A decision of the migrator's own (post-copy recovery), logged beside the engine's."""
+        notes.append({"elapsed_s": round(self.clock() - state.started_at, 3), "kind": "note", "reason": reason,
+                      "params": {}, "status": (m.progress or {}).get("status", ""), "iteration": 0})
+        m.decisions = sorted(state.decision_log() + notes, key=lambda d: d["elapsed_s"])
+        log.warning("migration %s of %s: %s", m.id, m.vm, reason)
+        self.store.put_migration(m)
+
+    async def _recover_postcopy(self, m: Migration, src: AgentClient, dst: AgentClient,
+                                state: conv.MonitorState, notes: list[dict]) -> None:
+        """QEMU's post-copy recovery: the target listens anew, the source resumes the stream.
+        Retried until the link is back or postcopy_recovery_s has passed."""
+        deadline = self.clock() + self.policy.postcopy_recovery_s
+        self._note(m, state, notes, "post-copy paused (link lost): both ends keep the VM paused; recovering")
+        while self.clock() < deadline:
+            try:
+                target_status = (await dst.migration_status(m.vm))["sample"]["status"]
+                if target_status == "postcopy-active":
+                    await dst.postcopy_pause(m.vm)
+                    target_status = (await dst.migration_status(m.vm))["sample"]["status"]
+                if target_status == "postcopy-paused":
+                    uri = (await dst.postcopy_recover(m.vm))["uri"]
+                    await src.postcopy_resume(m.vm, uri)
+                for _ in range(20):
+                    status = (await src.migration_status(m.vm))["sample"]["status"]
+                    if status not in ("postcopy-paused", "postcopy-recover"):
+                        m.stats.postcopy_recoveries = (m.stats.postcopy_recoveries or 0) + 1
+                        self._note(m, state, notes, f"post-copy recovered: {status}")
+                        return
+                    await asyncio.sleep(0.25)
+            except Exception as exc:  # noqa: BLE001 - the link may still be down; try again
+                log.info("migration %s: post-copy recovery attempt failed: %s", m.id, exc)
+            await asyncio.sleep(1.0)
+        raise MigrationFailed(f"post-copy could not be recovered within {self.policy.postcopy_recovery_s:.0f} s;"
+                              " the VM is paused on its target, not lost")
 
     def _enter_observed(self, m: Migration, st: dict) -> None:
         """Phases QEMU's events have timed, entered in the order they happened."""

@@ -13,3 +13,5 @@ class MigrationPolicy:
     forwarding: bool = True               # the source tunnels the VM's packets until the fabric has moved
     forwarding_grace_s: float = 0.5       # kept after the fabric has moved, for packets in flight
     fabric_timeout_s: float = 60.0        # longest wait for the fabric to route the VM to its target
+    postcopy_stall_s: float = 3.0         # post-copy sent nothing for this long: pause it, then recover
+    postcopy_recovery_s: float = 600.0    # keep trying to recover a paused post-copy this long

@@ -56,6 +56,7 @@ class MigrationStats:
     postcopy_s: float | None = None          # post-copy phase: switch -> completed
     postcopy_blocktime_ms: float | None = None   # target vCPUs waiting for pages; the guest's stall = blackout + this
     dirty_rate_measured_mib_s: float | None = None  # calc-dirty-rate before the migration
+    postcopy_recoveries: int | None = None   # times a broken post-copy link was paused and recovered
 
     def to_dict(self) -> dict:
         return asdict(self)
