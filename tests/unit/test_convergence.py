@@ -463,3 +463,11 @@ def test_the_policy_file_in_the_repo_restates_the_builtins():
     for name, builtin in BUILTIN_POLICIES.items():
         assert policies[name] == builtin, name
     assert policies["no-postcopy-xbzrle"].xbzrle and policies["no-postcopy-multifd"].multifd_channels == 2
+
+
+def test_unsafe_options_flags_xbzrle_under_tcg_only():
+    from ferry.controller.convergence import unsafe_options
+    xb = ConvergencePolicy(name="xb", postcopy=False, final_action="abort", xbzrle=True)
+    assert unsafe_options(xb, "tcg") and "XBZRLE" in unsafe_options(xb, "tcg")[0]
+    assert unsafe_options(xb, "kvm") == []
+    assert all(unsafe_options(p, "tcg") == [] for p in BUILTIN_POLICIES.values())

@@ -435,6 +435,20 @@ def policies_from_toml_data(data: Mapping, where: str = "<policies>",
     return out
 
 
+def unsafe_options(policy: ConvergencePolicy, accel: str) -> list[str]:
+    """Reasons not to run `policy` on hosts with this accelerator ("tcg" | "kvm"); empty if fine.
+
+    Measured, not theoretical: under TCG (QEMU 7.2) 1 of 5 XBZRLE pre-copy migrations in
+    the convergence benchmark left 3 guest pages different on the target and the guest
+    kernel hit a general protection fault; none of ~60 checked migrations without it did.
+    The migrator should refuse such a policy (or drop the option) on TCG hosts."""
+    reasons = []
+    if accel == "tcg" and policy.xbzrle:
+        reasons.append(f"policy {policy.name!r} uses XBZRLE, which corrupted guest memory under TCG "
+                       "(QEMU 7.2) in ferry's convergence benchmark")
+    return reasons
+
+
 def select_policy(policies: Mapping[str, ConvergencePolicy], vm: str | None = None,
                   event: str | None = None, default: str = DEFAULT_POLICY) -> tuple[ConvergencePolicy, str]:
     """The policy for one migration and why: the VM's own choice wins (it is the owner's
@@ -741,7 +755,8 @@ def decide(policy: ConvergencePolicy, state: MonitorState, sample: Sample | Mapp
             state = replace(state, phase="postcopy")
         return actions, state
 
-    if state.phase == "aborting":
+    if state.phase in ("aborting", "postcopy"):
+        # An abort was sent, or post-copy began: neither can be undone, so nothing more to decide.
         return actions, state
     if state.phase == "postcopy-requested":
         if state.requested_at is not None and now - state.requested_at > policy.postcopy_switch_timeout_s:

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Callable
 
+from ferry.controller import convergence as conv
 from ferry.controller.agent_client import AgentClient, AgentError, AgentPool
 from ferry.controller.migrator import Migrator
 from ferry.controller.policy import MigrationPolicy
@@ -195,6 +196,10 @@ class Controller:
                 chosen_policy, why = self.migrator.choose_policy(inst.spec.migration_policy, policy)
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
+            accel = (self.host(inst.host).inventory or {}).get("accel", "tcg")
+            unsafe = conv.unsafe_options(chosen_policy, accel)
+            if unsafe:
+                raise InvalidInput(f"refusing to migrate {vm}: {'; '.join(unsafe)}")
             now = time.time()
             m = Migration(id=uuid.uuid4().hex[:12], vm=vm, source=inst.host, target=chosen.name,
                           verify_memory=verify_memory, reason=reason, created_at=now,
