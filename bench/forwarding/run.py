@@ -23,7 +23,7 @@ def one(prefix: str, port: int, forwarding: bool, delay: float) -> dict:
         vm = api.post("/v1/vms", {"name": "echo-1", "memory_mib": 512, "vcpus": 1, "workload": "memload:rate=50",
                                   "host": "host-1"})
         time.sleep(5)
-        probe = run_probe_in_client(cfg.prefix, vm["ip"], delay + 7)
+        probe = run_probe_in_client(cfg.prefix, vm["ip"], delay + 7, timeline=True)
         if not wait_ready(probe):
             raise RuntimeError("probe could not reach the guest")
         time.sleep(1)
@@ -32,12 +32,15 @@ def one(prefix: str, port: int, forwarding: bool, delay: float) -> dict:
     finally:
         down(cfg, log=lambda m: None)
     s = m["stats"]
+    offset = time.time() - time.monotonic()     # the probe's times are monotonic, the migration's wall clock
     return {"forwarding": forwarding, "phase": m["phase"], "blackout_ms": s["blackout_ms"],
             "fabric_update_s": s["fabric_update_s"], "postmigration_s": s["postmigration_s"],
             "forwarded_packets": s["forwarded_packets"],
             "echo_longest_gap_ms": report["echo"]["longest_gap_ms"], "echo_survived": report["echo"]["survived"],
             "http_ok": report["http"]["ok"], "http_failed": report["http"]["failed"],
-            "http_longest_gap_ms": report["http"]["longest_gap_ms"]}
+            "http_longest_gap_ms": report["http"]["longest_gap_ms"], "http_errors": report["http"].get("errors"),
+            "timeline": [[p, round(t, 3)] for p, t in m["timeline"]],
+            "http_failed_started": [round(t + offset, 3) for t in report.get("timeline", {}).get("http_failed_started", [])]}
 
 
 def main() -> None:

@@ -275,17 +275,23 @@ class VmManager:
         vm.forwarding_started_at = None
         await vm.qmp.execute("migrate", {"uri": uri})
         if forward_to:
+            await asyncio.to_thread(forwarding.prepare_forwarding, vm.record.ip, self.settings.underlay_ip, forward_to)
             vm.forward_task = asyncio.create_task(self._forward_on_completion(vm, started, forward_to))
         return {"started_at": started}
 
     async def _forward_on_completion(self, vm: HostVm, since: float, peer: str) -> None:
+        # The source stops running the guest at its STOP (the switchover): from then on packets
+        # for it would queue on a tap nobody reads. Tunnelled, they queue on the target's tap
+        # and reach the guest when it resumes there. A rollback stops the tunnel again.
         event = await vm.qmp.wait_for(
-            lambda e: e.name == "MIGRATION" and e.at >= since
-            and e.data.get("status") in ("completed", "postcopy-active", "failed", "cancelled"),
+            lambda e: e.at >= since and (e.name == "STOP" or (
+                e.name == "MIGRATION" and e.data.get("status") in ("completed", "postcopy-active", "failed", "cancelled"))),
             timeout_s=24 * 3600)
-        if event.data.get("status") in ("completed", "postcopy-active"):
-            await asyncio.to_thread(forwarding.start_forwarding, vm.record.ip, self.settings.underlay_ip, peer)
+        if event.name == "STOP" or event.data.get("status") in ("completed", "postcopy-active"):
+            await asyncio.to_thread(forwarding.activate_forwarding, vm.record.ip)
             vm.forwarding_started_at = time.time()
+        else:
+            await asyncio.to_thread(forwarding.stop_forwarding, vm.record.ip)   # the prepared tunnel
 
     async def migration_status(self, name: str, since: float = 0.0) -> dict:
         vm = self.get(name)
@@ -337,9 +343,9 @@ class VmManager:
         vm = self.get(name)
         if vm.forward_task is not None:
             vm.forward_task.cancel()
-        if vm.forwarding_started_at is not None:
-            await self.forwarding(name, "stop", None)
-            vm.forwarding_started_at = None
+        if vm.forward_task is not None:
+            await self.forwarding(name, "stop", None)      # prepared or active: the tap gets its route back
+            vm.forwarding_started_at = vm.forward_task = None
         await vm.qmp.execute("migrate_cancel")
         for _ in range(100):
             s = await sample(vm.qmp)

@@ -238,6 +238,24 @@ def start_forwarding(vm_ip: str, local_underlay: str, peer_underlay: str, netns:
     return ForwardingHandle(vm, "forward", name, forward_vni(vm), local, peer, port, used_mtu, netns)
 
 
+def prepare_forwarding(vm_ip: str, local_underlay: str, peer_underlay: str, netns: str | None = None,
+                       *, port: int = FORWARD_PORT, mtu: int | None = None) -> ForwardingHandle:
+    """Source side, ahead of time: the tunnel device and the target's neighbour entry, but
+    not yet the route, so that `activate_forwarding` at the switchover is one route change."""
+    vm = validate_vm_ip(vm_ip)
+    local, peer, port = _validate_endpoints(local_underlay, peer_underlay, port)
+    name = forward_ifname(vm)
+    _, used_mtu = _ensure_tunnel(vm, local, peer, port, mtu, netns, keep_any_remote=False)
+    ipcmd.ip(*forward_route_commands(vm, peer)[0], netns=netns)
+    return ForwardingHandle(vm, "forward", name, forward_vni(vm), local, peer, port, used_mtu, netns)
+
+
+def activate_forwarding(vm_ip: str, netns: str | None = None) -> None:
+    """Source side, at the switchover: the VM's /32 into the prepared tunnel."""
+    vm = validate_vm_ip(vm_ip)
+    ipcmd.ip("route", "replace", f"{vm}/32", "dev", forward_ifname(vm), "scope", "link", netns=netns)
+
+
 def stop_forwarding(vm: str | ForwardingHandle, netns: str | None = None) -> bool:
     """Source side: remove the VM's tunnel route and device. Idempotent: False
     if there was nothing to remove. Does not restore a tap route (rollbacks
