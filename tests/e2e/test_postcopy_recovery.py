@@ -30,6 +30,7 @@ def plab(tmp_path_factory):
                    migration=f'policies_file = "{policies}"\n')
     yield lab
     down(lab.cfg, log=lambda m: None)
+    policies.unlink(missing_ok=True)
 
 
 def fabric_link(lab, host_index: int, state: str) -> None:
