@@ -75,14 +75,6 @@ class MigrateBody(BaseModel):
     setup: dict | None = None         # the source's capabilities/parameters of the convergence policy
 
 
-def tls_dn(settings: AgentSettings) -> str | None:
-    """This host's identity as QEMU's tls-authz on a migration target must name it."""
-    if settings.pki_dir is None:
-        return None
-    from ferry.pki import dn_for
-    return dn_for(settings.qemu_tls_dir / "client-cert.pem")
-
-
 def create_app(settings: AgentSettings) -> FastAPI:
     manager = VmManager(settings)
 
@@ -118,7 +110,6 @@ def create_app(settings: AgentSettings) -> FastAPI:
             "versions": software_versions(settings.versions_file, settings.qemu_binary),
             "labels": settings.labels,
             "health": read_health(settings.edac_dir, settings.smart_file),
-            "tls_dn": tls_dn(settings),
             "vms": sorted(manager.vms),
             "reported_at": time.time(),
         }

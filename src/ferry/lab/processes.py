@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ferry.qemu.launch import pid_alive
+
 
 def spawn(argv: list[str], log_file: Path) -> int:
     """Start a detached daemon (own session, so it outlives the CLI); return its pid."""
@@ -50,12 +52,8 @@ def processes_mentioning(marker: str) -> list[int]:
     return sorted(found)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+# A zombie counts as gone; the same check QEMU's launcher uses.
+alive = pid_alive
 
 
 def terminate(pids: list[int], marker: str, grace_s: float = 5.0) -> None:
